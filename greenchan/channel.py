@@ -1,0 +1,400 @@
+"""The Channel: one client conversation, whatever transport carries it.
+
+A channel's life is a small state machine (in the manner of h11)::
+
+    CONNECTING --accept--> OPEN --close--> CLOSED
+         \\______________________________/^
+
+``CONNECTING`` exists only for a WebSocket before its handshake; an HTTP channel
+starts ``OPEN``. The move to ``CLOSED`` happens once (``_finish``), and that one
+move is what schedules ``on_close``, so "exactly once" is a property of the state
+machine rather than of scattered flags.
+
+The channel knows nothing about frames or chunked encoding: a transport object
+(``websocket.py``, ``http.py``) turns its calls into bytes and feeds it messages
+through ``_deliver``.
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Union
+
+import gevent
+from gevent.hub import Waiter, get_hub, getcurrent
+from gevent.timeout import Timeout
+
+__all__ = ["Channel", "ChannelClosed", "CloseStatus", "Event", "Message"]
+
+log = logging.getLogger("greenchan.channel")
+
+Message = Union[str, bytes]
+
+CONNECTING, OPEN, CLOSED = "connecting", "open", "closed"
+
+
+class CloseStatus(str, enum.Enum):
+    """Why a channel closed; the values are http-kit's keywords."""
+
+    SERVER_CLOSE = "server-close"
+    CLIENT_CLOSE = "client-close"
+    NORMAL = "normal"
+    GOING_AWAY = "going-away"
+    PROTOCOL_ERROR = "protocol-error"
+    UNSUPPORTED = "unsupported"
+    NO_STATUS = "no-status-received"
+    INVALID_DATA = "invalid-payload-data"
+    POLICY_VIOLATION = "policy-violation"
+    MESSAGE_TOO_BIG = "message-too-big"
+    INTERNAL_ERROR = "internal-server-error"
+    SLOW_CONSUMER = "slow-consumer"
+    TIMEOUT = "timeout"
+    UNKNOWN = "unknown"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def from_code(cls, code: Optional[int]) -> "CloseStatus":
+        """The status for a close code received from a WebSocket client."""
+        return _BY_CODE.get(code, cls.UNKNOWN)  # type: ignore[arg-type]
+
+
+_BY_CODE = {
+    1000: CloseStatus.NORMAL,
+    1001: CloseStatus.GOING_AWAY,
+    1002: CloseStatus.PROTOCOL_ERROR,
+    1003: CloseStatus.UNSUPPORTED,
+    1005: CloseStatus.NO_STATUS,
+    1006: CloseStatus.GOING_AWAY,
+    1007: CloseStatus.INVALID_DATA,
+    1008: CloseStatus.POLICY_VIOLATION,
+    1009: CloseStatus.MESSAGE_TOO_BIG,
+    1011: CloseStatus.INTERNAL_ERROR,
+}
+
+
+class ChannelClosed(Exception):
+    """Raised by ``receive()`` once the channel is closed and drained."""
+
+    def __init__(self, status: Optional[CloseStatus] = None) -> None:
+        super().__init__(f"channel closed ({status})" if status else "channel closed")
+        self.status = status
+
+
+class Event:
+    """One Server-Sent Event; on a WebSocket only ``data`` is sent, as text."""
+
+    __slots__ = ("data", "event", "id", "retry")
+
+    def __init__(
+        self,
+        data: Any,
+        event: Optional[str] = None,
+        id: Optional[str] = None,
+        retry: Optional[int] = None,
+    ) -> None:
+        self.data = data if isinstance(data, str) else str(data)
+        self.event = event
+        self.id = id
+        self.retry = retry
+        for name in ("event", "id"):
+            value = getattr(self, name)
+            if value is not None and ("\n" in value or "\r" in value):
+                raise ValueError(f"Event {name} cannot contain a newline")
+
+    def encode(self) -> bytes:
+        """The ``text/event-stream`` form: one ``data:`` line per line of data."""
+        lines = []
+        if self.event is not None:
+            lines.append(f"event: {self.event}")
+        if self.id is not None:
+            lines.append(f"id: {self.id}")
+        if self.retry is not None:
+            lines.append(f"retry: {int(self.retry)}")
+        lines.extend("data: " + line for line in self.data.splitlines() or [""])
+        return ("\n".join(lines) + "\n\n").encode()
+
+    def __repr__(self) -> str:
+        return f"Event({self.data!r}, event={self.event!r}, id={self.id!r})"
+
+
+_RESPONSE_KEYS = frozenset({"status", "headers", "body"})
+
+
+def check_message(data: Any) -> None:
+    """Reject what ``send`` cannot carry, with a message that says what can."""
+    if isinstance(data, (str, bytes, bytearray, memoryview, Event)):
+        return
+    if isinstance(data, dict):
+        extra = set(data) - _RESPONSE_KEYS
+        if extra:
+            raise TypeError(
+                f"unknown response key(s) {sorted(extra)}; use status, headers, body"
+            )
+        return
+    raise TypeError(
+        f"cannot send {type(data).__name__}: send str, bytes, a response dict or an Event"
+    )
+
+
+def _wake(waiter: Waiter, value: Any = None) -> None:
+    """Resume a greenlet parked on ``waiter`` from any greenlet, hub included."""
+    hub = get_hub()
+    if getcurrent() is hub:
+        waiter.switch(value)
+    else:
+        hub.loop.run_callback(waiter.switch, value)
+
+
+class Channel:
+    """One asynchronous channel to a client: WebSocket, long-polling or streaming.
+
+    Created by ``with_channel``, never by users. Messages from the client wait in
+    a bounded inbound queue until ``on_receive`` or ``receive()`` takes them, so a
+    callback registered late loses nothing. ``on_receive`` calls run in order, one
+    at a time, in a greenlet that exists only while there is something to deliver.
+    """
+
+    __slots__ = (
+        "environ",
+        "is_websocket",
+        "close_status",
+        "close_code",
+        "close_reason",
+        "subprotocol",
+        "_transport",
+        "_state",
+        "_queue",
+        "_max_queue",
+        "_on_receive",
+        "_on_close",
+        "_on_ping",
+        "_close_hooks",
+        "_waiter",
+        "_dispatching",
+        "_on_close_pending",
+        "__weakref__",
+    )
+
+    def __init__(self, environ: dict, transport: Any, is_websocket: bool, max_queue: int) -> None:
+        self.environ = environ
+        self.is_websocket = is_websocket
+        self.close_status: Optional[CloseStatus] = None
+        self.close_code: Optional[int] = None
+        self.close_reason: Optional[str] = None
+        self.subprotocol: Optional[str] = None
+        self._transport = transport
+        self._state = CONNECTING if is_websocket else OPEN
+        # Created lazily: most channels of a broadcast app never receive.
+        self._queue: Optional[Deque[Message]] = None
+        self._max_queue = max_queue
+        self._on_receive: Optional[Callable[[Message], Any]] = None
+        self._on_close: Optional[Callable[[CloseStatus], Any]] = None
+        self._on_ping: Optional[Callable[[bytes], Any]] = None
+        # Internal listeners (groups leave on close); run before on_close.
+        self._close_hooks: Optional[List[Callable[["Channel"], Any]]] = None
+        self._waiter: Optional[Waiter] = None
+        self._dispatching = False
+        self._on_close_pending = False
+        environ["greenchan.channel"] = self
+
+    # -- public API --------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        """True until either side closes the channel."""
+        return self._state is not CLOSED
+
+    def send(self, data: Any, close: Optional[bool] = None, *, wait: bool = True) -> bool:
+        """Send one message; see API.md for what ``data`` and ``close`` mean.
+
+        Returns False, never raises, once the channel is closed. With
+        ``wait=False`` (what broadcasts use) it never blocks: a full send buffer
+        is left to the slow-consumer timer instead of making the caller wait.
+        """
+        check_message(data)
+        if self._state is CLOSED:
+            return False
+        return self._transport.send(data, close, wait)
+
+    def close(self, code: int = 1000, reason: str = "") -> bool:
+        """Close the channel; True if this call closed it, False if already closed."""
+        if self._state is CLOSED:
+            return False
+        self._transport.close(code, reason)
+        return True
+
+    def receive(self, timeout: Optional[float] = None) -> Message:
+        """Wait for the next message; ``ChannelClosed`` once closed and drained."""
+        self._transport.accept_now()
+        while True:
+            queue = self._queue
+            if queue:
+                message = queue.popleft()
+                if len(queue) + 1 == self._max_queue:
+                    self._transport.resume_reading()
+                return message
+            if self._state is CLOSED:
+                raise ChannelClosed(self.close_status)
+            if self._waiter is not None:
+                raise RuntimeError("another greenlet is already waiting in receive()")
+            self._waiter = waiter = Waiter()
+            try:
+                if timeout is None:
+                    waiter.get()
+                else:
+                    with Timeout(timeout, TimeoutError("no message within %s s" % timeout)):
+                        waiter.get()
+            finally:
+                self._waiter = None
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            try:
+                yield self.receive()
+            except ChannelClosed:
+                return
+
+    def on_receive(self, fn: Callable[[Message], Any]) -> Callable[[Message], Any]:
+        """Call ``fn(message)`` for each client message, in order, one at a time."""
+        self._on_receive = fn
+        if self._queue:
+            self._start_dispatch()
+        return fn
+
+    def on_close(self, fn: Callable[[CloseStatus], Any]) -> Callable[[CloseStatus], Any]:
+        """Call ``fn(status)`` once, after the last ``on_receive``; at once if closed."""
+        self._on_close = fn
+        if self._state is CLOSED and not self._on_close_pending and not self._dispatching:
+            self._call(fn, self.close_status)
+        return fn
+
+    def on_ping(self, fn: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+        """Call ``fn(payload)`` for each client ping; the pong is sent regardless."""
+        self._on_ping = fn
+        return fn
+
+    def ping(self, payload: bytes = b"") -> bool:
+        """Send a WebSocket ping; False if the channel is closed."""
+        if not self.is_websocket:
+            raise TypeError("ping() needs a WebSocket channel")
+        if self._state is CLOSED:
+            return False
+        return self._transport.ping(payload)
+
+    def accept(self, subprotocol: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> None:
+        """Complete the WebSocket handshake now, with extra response headers."""
+        if not self.is_websocket:
+            return
+        if self._state is not CONNECTING:
+            raise RuntimeError("the WebSocket handshake has already completed")
+        self._transport.accept_now(subprotocol, headers)
+
+    def reject(self, status: int = 403, body: Union[str, bytes] = "", headers: Optional[Dict[str, str]] = None) -> None:
+        """Answer a plain HTTP response instead of a channel, and close."""
+        if self._state is CLOSED:
+            return
+        if self._transport.started:
+            raise RuntimeError("reject() must come before the response or handshake starts")
+        self._transport.reject(status, body, headers)
+
+    def __repr__(self) -> str:
+        kind = "websocket" if self.is_websocket else "http"
+        path = self.environ.get("PATH_INFO", "")
+        return f"<Channel {kind} {path} {self._state}>"
+
+    # -- the transport's side ---------------------------------------------
+
+    def _opened(self) -> None:
+        """CONNECTING -> OPEN: the WebSocket handshake went out."""
+        if self._state is CONNECTING:
+            self._state = OPEN
+
+    def _deliver(self, message: Message) -> bool:
+        """Queue a client message; False when the queue is full (pause reading)."""
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = collections.deque()
+        queue.append(message)
+        if self._waiter is not None:
+            _wake(self._waiter)
+        elif self._on_receive is not None and not self._dispatching:
+            self._start_dispatch()
+        return len(queue) < self._max_queue
+
+    def _ping_received(self, payload: bytes) -> None:
+        if self._on_ping is not None:
+            gevent.spawn(self._call, self._on_ping, payload)
+
+    def _finish(self, status: CloseStatus, code: Optional[int] = None, reason: Optional[str] = None) -> bool:
+        """Move to CLOSED once; schedule ``on_close`` after the last message."""
+        if self._state is CLOSED:
+            return False
+        self._state = CLOSED
+        self.close_status = status
+        self.close_code = code
+        self.close_reason = reason if code is not None else None
+        hooks, self._close_hooks = self._close_hooks, None
+        for hook in hooks or ():
+            self._call(hook, self)
+        if self._waiter is not None:
+            _wake(self._waiter)
+        self._on_close_pending = True
+        if not self._dispatching:
+            if self._on_receive is not None and self._queue:
+                self._start_dispatch()
+            else:
+                gevent.spawn(self._run_on_close)
+        return True
+
+    def _add_close_hook(self, fn: Callable[["Channel"], Any]) -> None:
+        """Run ``fn(channel)`` when the channel closes (used by the stores)."""
+        if self._state is CLOSED:
+            fn(self)
+            return
+        if self._close_hooks is None:
+            self._close_hooks = []
+        self._close_hooks.append(fn)
+
+    def _remove_close_hook(self, fn: Callable[["Channel"], Any]) -> None:
+        if self._close_hooks and fn in self._close_hooks:
+            self._close_hooks.remove(fn)
+
+    # -- delivery ------------------------------------------------------------
+
+    def _start_dispatch(self) -> None:
+        self._dispatching = True
+        gevent.spawn(self._dispatch)
+
+    def _dispatch(self) -> None:
+        """Feed queued messages to ``on_receive``; then ``on_close`` if due."""
+        queue = self._queue
+        try:
+            while queue and self._on_receive is not None:
+                message = queue.popleft()
+                if len(queue) + 1 == self._max_queue:
+                    self._transport.resume_reading()
+                try:
+                    self._on_receive(message)
+                except Exception:
+                    log.exception("on_receive of %r raised; closing with 1011", self)
+                    self._transport.close(1011, "internal error", CloseStatus.INTERNAL_ERROR)
+        finally:
+            self._dispatching = False
+        if self._on_close_pending:
+            self._run_on_close()
+
+    def _run_on_close(self) -> None:
+        if not self._on_close_pending:
+            return
+        self._on_close_pending = False
+        if self._on_close is not None:
+            self._call(self._on_close, self.close_status)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("callback %r of %r raised", fn, self)

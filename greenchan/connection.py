@@ -1,0 +1,345 @@
+"""A client socket driven by the hub: non-blocking writes, a persistent read watcher.
+
+This is the I/O pattern DESIGN.md measured as fastest on gevent: instead of
+gevent's cooperative socket wrapper (a greenlet switch and a watcher start/stop
+per call), each connection keeps one libev read watcher whose callback does a
+non-blocking ``recv`` in the hub, and writes go straight to the OS socket with a
+non-blocking ``send``. Only what the kernel does not take is buffered, and that
+buffer is bounded: the writer waits (backpressure) or, with ``wait=False``, arms a
+slow-consumer timer, and a peer that stays behind is cut off.
+
+Both transports use it; it knows nothing about HTTP or WebSocket framing.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import socket
+from typing import Any, Callable, Deque, List, Optional
+
+from gevent.hub import Waiter, get_hub, getcurrent
+from gevent.timeout import Timeout
+
+log = logging.getLogger("greenchan.connection")
+
+# 64 KiB: one recv call fills it from a busy socket, and DESIGN.md measured a
+# 256 KiB buffer as 3x slower (each call maps and unmaps a buffer that large).
+RECV_SIZE = 65536
+
+# A peer whose buffered output passes this multiple of ``send_buffer`` is cut off
+# at once, so a flood of non-waiting sends (broadcasts) cannot grow memory while
+# the slow-consumer timer runs.
+HARD_LIMIT_FACTOR = 2
+
+_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ETIMEDOUT)
+
+
+class Connection:
+    """The raw socket of one client, written without blocking, read by a watcher.
+
+    ``on_data(data)`` runs in the hub for each chunk read, with ``b""`` at EOF.
+    ``on_slow()`` runs when the peer stays behind its send buffer for
+    ``send_timeout`` seconds or passes the hard limit. ``on_closed()`` runs once,
+    when the socket closes for whatever reason (the peer went away, a write
+    failed, ``abort`` or the end of ``linger_close``).
+    """
+
+    __slots__ = (
+        "sock",
+        "_raw",
+        "_out",
+        "_out_size",
+        "_reader",
+        "_writer",
+        "_slow_timer",
+        "_linger",
+        "_waiters",
+        "send_buffer",
+        "send_timeout",
+        "on_data",
+        "on_slow",
+        "on_closed",
+        "closed",
+        "paused",
+    )
+
+    def __init__(self, sock: Any, send_buffer: int, send_timeout: float) -> None:
+        self.sock = sock  # the gevent socket: kept so the fd lives as long as we do
+        self._raw: socket.socket = getattr(sock, "_sock", sock)
+        self._out: Deque[memoryview] = collections.deque()
+        self._out_size = 0
+        self._reader: Any = None
+        self._writer: Any = None
+        self._slow_timer: Any = None
+        self._linger: Any = None
+        self._waiters: Optional[List[Waiter]] = None
+        self.send_buffer = send_buffer
+        self.send_timeout = send_timeout
+        self.on_data: Callable[[bytes], Any] = _ignore
+        self.on_slow: Callable[[], Any] = _ignore_noargs
+        self.on_closed: Callable[[], Any] = _ignore_noargs
+        self.closed = False
+        self.paused = False
+
+    # -- reading -------------------------------------------------------------
+
+    def start_reading(self, on_data: Callable[[bytes], Any]) -> None:
+        """Call ``on_data`` in the hub with each chunk the peer sends."""
+        self.on_data = on_data
+        if self._reader is None:
+            self._reader = get_hub().loop.io(self._raw.fileno(), 1)
+        if not self.paused:
+            self._reader.start(self._on_readable)
+
+    def pause_reading(self) -> None:
+        """Stop reading, so TCP backpressure slows the peer (a full inbound queue)."""
+        self.paused = True
+        if self._reader is not None:
+            self._reader.stop()
+
+    def resume_reading(self) -> None:
+        if self.paused and not self.closed:
+            self.paused = False
+            if self._reader is not None:
+                self._reader.start(self._on_readable)
+
+    def watch_hangup(self, on_hangup: Callable[[], Any]) -> None:
+        """Call ``on_hangup`` in the hub if the peer closes, without reading its data.
+
+        An HTTP channel waiting for something to send has nothing to read, but
+        must notice at once when its client goes away (API.md: ``on_close`` with
+        ``CLIENT_CLOSE``). Input that is not EOF (a pipelined request) is left for
+        pywsgi, and the watch ends.
+        """
+
+        def on_readable() -> None:
+            try:
+                data = self._raw.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            self.stop_reading()
+            if not data:
+                on_hangup()
+
+        if self._reader is None:
+            self._reader = get_hub().loop.io(self._raw.fileno(), 1)
+        self._reader.start(on_readable)
+
+    def release(self) -> None:
+        """Stop every watcher but keep the socket open (pywsgi reads on)."""
+        for watcher in (self._reader, self._writer, self._slow_timer):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self._reader = self._writer = self._slow_timer = None
+
+    def stop_reading(self) -> None:
+        if self._reader is not None:
+            self._reader.stop()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._raw.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.stop_reading()
+        try:
+            self.on_data(data)
+        except Exception:
+            log.exception("error while handling data from %s", self._peer())
+            self.abort()
+
+    # -- writing -------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes accepted from the application but not yet taken by the kernel."""
+        return self._out_size
+
+    def write(self, data: bytes, wait: bool = True) -> bool:
+        """Write ``data`` whole, after what is already buffered.
+
+        Returns False if the connection is closed or closes while waiting.
+        A caller in the hub never waits, whatever ``wait`` says.
+        """
+        if self.closed:
+            return False
+        if not self._out:
+            try:
+                sent = self._raw.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._lost(exc)
+                return False
+            if sent == len(data):
+                return True
+            data = memoryview(data)[sent:]
+        else:
+            data = memoryview(data)
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._writer is None:
+            self._writer = get_hub().loop.io(self._raw.fileno(), 2)
+        if not self._writer.active:
+            self._writer.start(self._on_writable)
+        if self._out_size > self.send_buffer:
+            return self._over_limit(wait)
+        return True
+
+    def _over_limit(self, wait: bool) -> bool:
+        if self._out_size > HARD_LIMIT_FACTOR * self.send_buffer:
+            self.on_slow()
+            return False
+        hub = get_hub()
+        if wait and getcurrent() is not hub:
+            return self._wait_below(self.send_buffer, self.send_timeout, slow=True)
+        if self._slow_timer is None:
+            self._slow_timer = hub.loop.timer(self.send_timeout)
+            self._slow_timer.start(self._slow_expired)
+        return True
+
+    def _slow_expired(self) -> None:
+        self._slow_timer = None
+        if not self.closed and self._out_size > self.send_buffer:
+            self.on_slow()
+
+    def _wait_below(self, limit: int, timeout: Optional[float], slow: bool) -> bool:
+        """Park the calling greenlet until at most ``limit`` bytes are buffered."""
+        waiter = Waiter()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            with Timeout(timeout, False):
+                while not self.closed and self._out_size > limit:
+                    waiter.get()
+                    waiter = Waiter()
+                    self._waiters.append(waiter)
+        finally:
+            if self._waiters and waiter in self._waiters:
+                self._waiters.remove(waiter)
+        if not self.closed and self._out_size > limit:
+            if slow:
+                self.on_slow()
+            return False
+        return not self.closed
+
+    def flush(self, timeout: Optional[float]) -> bool:
+        """Wait until everything buffered reached the kernel; False if it did not."""
+        if not self._out:
+            return not self.closed
+        return self._wait_below(0, timeout, slow=False)
+
+    def _on_writable(self) -> None:
+        out = self._out
+        raw = self._raw
+        try:
+            while out:
+                chunk = out[0]
+                sent = raw.send(chunk)
+                self._out_size -= sent
+                if sent < len(chunk):
+                    out[0] = chunk[sent:]
+                    break
+                out.popleft()
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if not out:
+            self._writer.stop()
+            if self._slow_timer is not None:
+                self._slow_timer.stop()
+                self._slow_timer = None
+            if self._linger is not None:
+                self._shutdown()
+        if self._waiters and self._out_size <= self.send_buffer:
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            waiter.switch(None)
+
+    def _lost(self, exc: OSError) -> None:
+        if exc.errno not in _GONE:
+            log.warning("write to %s failed: %s", self._peer(), exc)
+        self.abort()
+
+    # -- closing -------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Close the socket now, dropping unsent output, and wake every waiter."""
+        if self.closed:
+            return
+        self.closed = True
+        self._out.clear()
+        self._out_size = 0
+        for watcher in (self._reader, self._writer, self._slow_timer, self._linger):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self._reader = self._writer = self._slow_timer = self._linger = None
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        if self._waiters:
+            hub = get_hub()
+            waiters, self._waiters = self._waiters, None
+            for waiter in waiters:
+                if getcurrent() is hub:
+                    waiter.switch(None)
+                else:
+                    hub.loop.run_callback(waiter.switch, None)
+        self.on_closed()
+
+    def linger_close(self, timeout: float) -> None:
+        """Close gracefully: flush, send FIN, discard input until the peer's FIN.
+
+        Closing a socket that still has unread input makes the kernel send a
+        reset, which can destroy our last bytes (a close frame, the end of a
+        response) before the peer reads them. ``timeout`` bounds the wait.
+        """
+        if self.closed or self._linger is not None:
+            return
+        self.on_data = self._discard
+        self._linger = get_hub().loop.timer(timeout)
+        self._linger.start(self.abort)
+        self.paused = False
+        self.start_reading(self._discard)
+        if not self._out:
+            self._shutdown()
+
+    def _discard(self, data: bytes) -> None:
+        if not data:
+            self.abort()
+
+    def _shutdown(self) -> None:
+        try:
+            self._raw.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.abort()
+
+    def _peer(self) -> str:
+        try:
+            host, port = self._raw.getpeername()[:2]
+            return f"{host}:{port}"
+        except OSError:
+            return "a closed socket"
+
+
+def _ignore(data: bytes) -> None:
+    pass
+
+
+def _ignore_noargs() -> None:
+    pass

@@ -1,0 +1,141 @@
+"""with_channel: a handler becomes a WSGI app, a Flask view or a Bottle route."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Any, Callable, Iterable, Optional
+
+from .channel import Channel, CloseStatus
+from .http import HttpTransport, body_message, read_body
+from .options import DEFAULTS, ROUTE_OPTIONS, Options
+from .server import HANDLER_KEY, RESPONDED_KEY, SERVER_KEY
+from .websocket import WebSocketTransport, origin_allowed, wants_upgrade
+from .wire import http_response
+
+__all__ = ["with_channel"]
+
+log = logging.getLogger("greenchan")
+
+Handler = Callable[..., Any]
+
+
+def with_channel(handler: Optional[Handler] = None, **options: Any) -> Any:
+    """Turn ``handler(channel, *args, **kwargs)`` into a WSGI app or a framework view.
+
+    Use it bare (``@with_channel``) or with per-route options
+    (``@with_channel(subprotocols=["chat.v1"])``): ``subprotocols``, ``origins``,
+    ``max_message_size``, ``ping_interval``, ``ping_timeout``. Under Flask or
+    Bottle put it below the route decorator; route arguments arrive as keyword
+    arguments and the framework's ``request`` works while the handler runs.
+    """
+    unknown = set(options) - ROUTE_OPTIONS
+    if unknown:
+        raise TypeError(
+            f"with_channel() got unknown option(s) {sorted(unknown)}; per-route options "
+            f"are {sorted(ROUTE_OPTIONS)} (set the others on the server)"
+        )
+    if handler is None:
+        return lambda fn: with_channel(fn, **options)
+    if not callable(handler):
+        raise TypeError("with_channel() decorates a function: @with_channel or @with_channel(...)")
+
+    @functools.wraps(handler)
+    def app(*args: Any, **kwargs: Any) -> Any:
+        if len(args) == 2 and not kwargs and isinstance(args[0], dict) and "wsgi.version" in args[0]:
+            return _serve(args[0], args[1], handler, (), {}, options)
+        environ = _framework_environ()
+        _serve(environ, None, handler, args, kwargs, options)
+        return ""  # the channel wrote the response; greenchan's server drops this one
+
+    app.greenchan_handler = handler  # type: ignore[attr-defined]
+    return app
+
+
+def _framework_environ() -> dict:
+    """The environ of the Flask or Bottle request being served."""
+    flask = sys.modules.get("flask")
+    if flask is not None and flask.has_request_context():
+        return flask.request.environ
+    bottle = sys.modules.get("bottle")
+    if bottle is not None:
+        try:
+            return bottle.request.environ
+        except RuntimeError:
+            pass
+    raise TypeError(
+        "a with_channel app is called as a WSGI app (environ, start_response), or as "
+        "a Flask or Bottle view inside a request; this call was neither"
+    )
+
+
+def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, args: tuple, kwargs: dict, route_options: dict) -> Iterable[bytes]:
+    server = environ.get(SERVER_KEY)
+    pywsgi_handler = environ.get(HANDLER_KEY)
+    if server is None or pywsgi_handler is None:
+        return _unsupported(environ, start_response)
+    options = server.options.replace(**route_options)
+    if wants_upgrade(environ):
+        if not origin_allowed(environ, options.origins):
+            log.warning("refused WebSocket from origin %r", environ.get("HTTP_ORIGIN"))
+            return _respond(environ, start_response, 403, "Origin not allowed\n")
+        transport: Any = WebSocketTransport(environ, pywsgi_handler, server, options)
+        if not transport.valid:
+            response = transport.response
+            return _respond(environ, start_response, response.status_code, response.body, list(response.headers.raw_items()))
+        channel = Channel(environ, transport, True, options.max_queue)
+    else:
+        body = read_body(environ, options.max_body)
+        if body is None:
+            return _respond(environ, start_response, 413, "Request body too large\n")
+        import io
+
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        transport = HttpTransport(environ, pywsgi_handler, server, options)
+        channel = Channel(environ, transport, False, options.max_queue)
+        if body:
+            channel._deliver(body_message(environ, body))
+    transport.channel = channel
+    server._register(channel)
+    if not channel.is_websocket:
+        transport.watch()
+    try:
+        handler(channel, *args, **kwargs)
+    except Exception:
+        log.exception("handler %s raised", getattr(handler, "__name__", handler))
+        if channel.is_open:
+            transport.close(1011, "internal error", CloseStatus.INTERNAL_ERROR)
+    if channel.is_websocket:
+        if channel.is_open:
+            transport.accept_now()
+    else:
+        transport.wait_done()
+    environ.setdefault(RESPONDED_KEY, "close")
+    return []
+
+
+def _respond(environ: dict, start_response: Optional[Callable], status: int, body: Any, headers: Optional[list] = None) -> Iterable[bytes]:
+    """Answer a plain response before any channel exists (403, 400, 413)."""
+    pywsgi_handler = environ[HANDLER_KEY]
+    environ[RESPONDED_KEY] = "close"
+    headers = [(k, v) for k, v in (headers or []) if k.lower() not in ("content-length", "connection")]
+    try:
+        pywsgi_handler.socket.sendall(http_response(status, headers, body, close=True))
+    except OSError:
+        pass
+    return []
+
+
+def _unsupported(environ: dict, start_response: Optional[Callable]) -> Iterable[bytes]:
+    software = environ.get("SERVER_SOFTWARE", "an unknown WSGI server")
+    message = (
+        "greenchan channels need greenchan's server (greenchan.Server, the greenchan "
+        "command) or its gunicorn worker (gunicorn -k greenchan.gunicorn.Worker); "
+        f"this request came through {software}"
+    )
+    log.error("%s", message)
+    if start_response is None:
+        raise RuntimeError(message)
+    start_response("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8")])
+    return [message.encode() + b"\n"]

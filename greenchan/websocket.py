@@ -1,0 +1,359 @@
+"""The WebSocket transport: handshake, frames, keepalive and the close handshake.
+
+websockets' sans-I/O ``ServerProtocol`` is the protocol engine: it validates the
+handshake, parses and checks frames (masking, control frames, sizes, the close
+handshake, permessage-deflate). This module is the thin I/O layer around it, on
+a ``Connection`` driven by the hub, plus what the engine leaves to its I/O
+layers: reassembling fragments, validating UTF-8, keepalive pings.
+"""
+from __future__ import annotations
+
+import codecs
+import logging
+from typing import Any, Dict, List, Optional, Sequence
+from urllib.parse import urlsplit
+
+from gevent.hub import get_hub
+from websockets.datastructures import Headers
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.frames import Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from .channel import Channel, CloseStatus, Event
+from .connection import Connection
+from .options import Options
+from .server import UPGRADE_KEY, RESPONDED_KEY
+from .wire import http_response
+
+log = logging.getLogger("greenchan.websocket")
+
+_TEXT, _BINARY, _CONT, _PING, _PONG, _CLOSE = (
+    Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING, Opcode.PONG, Opcode.CLOSE,
+)
+
+
+class _QuietLogger(logging.LoggerAdapter):
+    """websockets logs each connection at INFO; at scale that belongs at DEBUG."""
+
+    def info(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        self.debug(msg, *args, **kwargs)
+
+
+_protocol_log = _QuietLogger(logging.getLogger("greenchan.websocket.protocol"), {})
+
+
+def wants_upgrade(environ: dict) -> bool:
+    """True if the request asks for a WebSocket (greenchan's server moved the header)."""
+    upgrade = environ.get(UPGRADE_KEY) or environ.get("HTTP_UPGRADE", "")
+    return upgrade.lower() == "websocket"
+
+
+def origin_allowed(environ: dict, origins: Optional[Sequence[str]]) -> bool:
+    """API.md's Origin policy: same origin by default; no Origin header passes."""
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None or (origins is not None and "*" in origins):
+        return True
+    if origins is not None:
+        return origin in origins
+    host = environ.get("HTTP_HOST", "")
+    try:
+        parts = urlsplit(origin)
+        netloc = parts.netloc.lower()
+        default = {"http": ":80", "https": ":443", "ws": ":80", "wss": ":443"}.get(parts.scheme, "")
+    except ValueError:
+        return False
+    host = host.lower()
+    return netloc == host or netloc + default == host or netloc == host + default
+
+
+def _request(environ: dict) -> Request:
+    headers = Headers()
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            headers[key[5:].replace("_", "-")] = value
+    headers["Upgrade"] = environ.get(UPGRADE_KEY) or environ.get("HTTP_UPGRADE", "")
+    path = environ.get("PATH_INFO", "/")
+    if environ.get("QUERY_STRING"):
+        path += "?" + environ["QUERY_STRING"]
+    return Request(path, headers)
+
+
+def _server_order(protocol: ServerProtocol, offered: Sequence[str]) -> Optional[str]:
+    """The first of the server's subprotocols that the client offers, else none:
+    a client that needs one then fails its own check, as browsers do."""
+    for candidate in protocol.available_subprotocols or ():
+        if candidate in offered:
+            return candidate
+    return None
+
+
+class WebSocketTransport:
+    """Carries one channel over a WebSocket; created by ``with_channel``."""
+
+    __slots__ = (
+        "channel",
+        "handler",
+        "server",
+        "options",
+        "protocol",
+        "response",
+        "conn",
+        "started",
+        "_parts",
+        "_decoder",
+        "_ping_timer",
+        "_pong_timer",
+        "_close_timer",
+    )
+
+    def __init__(self, environ: dict, handler: Any, server: Any, options: Options) -> None:
+        self.handler = handler
+        self.server = server
+        self.options = options
+        extensions = [ServerPerMessageDeflateFactory()] if options.compression else None
+        self.protocol = protocol = ServerProtocol(
+            extensions=extensions,
+            subprotocols=list(options.subprotocols) if options.subprotocols else None,
+            select_subprotocol=_server_order,
+            max_size=options.max_message_size,
+            logger=_protocol_log,
+        )
+        self.response: Response = protocol.accept(_request(environ))
+        self.conn: Optional[Connection] = None
+        self.started = False
+        self._parts: Optional[List[bytes]] = None
+        self._decoder: Any = None
+        self._ping_timer: Any = None
+        self._pong_timer: Any = None
+        self._close_timer: Any = None
+        self.channel: Channel = None  # type: ignore[assignment]
+
+    @property
+    def valid(self) -> bool:
+        """False when the handshake request is invalid (the response says why)."""
+        return self.response.status_code == 101
+
+    # -- handshake -------------------------------------------------------------
+
+    def accept_now(self, subprotocol: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> None:
+        """Send the 101 and take the socket over from pywsgi (once)."""
+        if self.started or not self.channel.is_open:
+            return
+        self.started = True
+        response = self.response
+        if subprotocol is not None:
+            offered = self.handler.environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "")
+            if subprotocol not in [p.strip() for p in offered.split(",")]:
+                raise ValueError(f"the client did not offer subprotocol {subprotocol!r}")
+            del response.headers["Sec-WebSocket-Protocol"]
+            response.headers["Sec-WebSocket-Protocol"] = subprotocol
+        for name, value in (headers or {}).items():
+            response.headers[name] = value
+        self.channel.subprotocol = response.headers.get("Sec-WebSocket-Protocol")
+        protocol = self.protocol
+        protocol.send_response(response)
+        # pywsgi parsed the request, so the engine's parser, which began by
+        # waiting for one, restarts in the OPEN state and expects frames.
+        protocol.parser = protocol.parse()
+        next(protocol.parser)
+        handshake = b"".join(protocol.data_to_send())
+        buffered = self.handler.buffered_input()
+        sock = self.handler.detach()
+        self.conn = conn = Connection(sock, self.options.send_buffer, self.options.send_timeout)
+        conn.on_slow = self._slow
+        conn.on_closed = self._closed
+        conn.write(handshake, wait=False)
+        self.channel._opened()
+        conn.start_reading(self._on_data)
+        if self.options.ping_interval:
+            self._ping_timer = get_hub().loop.timer(self.options.ping_interval, self.options.ping_interval)
+            self._ping_timer.start(self._keepalive)
+        if buffered:
+            self._on_data(buffered)
+
+    def reject(self, status: int, body: Any, headers: Optional[Dict[str, str]]) -> None:
+        """Answer plain HTTP before the handshake, and close."""
+        self.started = True
+        self.handler.environ[RESPONDED_KEY] = "close"
+        try:
+            self.handler.socket.sendall(http_response(status, headers, body, close=True))
+        except OSError:
+            pass
+        self.channel._finish(CloseStatus.SERVER_CLOSE)
+        self.server._unregister(self.channel)
+
+    # -- inbound ---------------------------------------------------------------
+
+    def _on_data(self, data: bytes) -> None:
+        protocol = self.protocol
+        if data:
+            protocol.receive_data(data)
+        else:
+            protocol.receive_eof()
+        for frame in protocol.events_received():
+            opcode = frame.opcode
+            if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
+                self._on_data_frame(frame)
+            elif opcode is _PING:
+                self.channel._ping_received(frame.data)
+            elif opcode is _PONG:
+                if self._pong_timer is not None:
+                    self._pong_timer.stop()
+            elif opcode is _CLOSE:
+                close = protocol.close_rcvd
+                if close is not None:
+                    self.channel._finish(CloseStatus.from_code(close.code), close.code, close.reason)
+        if protocol.parser_exc is not None and self.channel.is_open:
+            sent = protocol.close_sent
+            if sent is not None:
+                self.channel._finish(CloseStatus.from_code(sent.code), sent.code, sent.reason)
+            else:  # EOF without a close frame: the client vanished
+                self.channel._finish(CloseStatus.GOING_AWAY, 1006, "")
+        self._write_pending()
+
+    def _on_data_frame(self, frame: Any) -> None:
+        data = frame.data
+        if frame.opcode is not _CONT:  # the first frame of a message
+            if frame.fin:
+                if frame.opcode is _TEXT:
+                    try:
+                        data = data.decode()
+                    except UnicodeDecodeError as exc:
+                        self._invalid_utf8(exc)
+                        return
+                self._deliver(data)
+                return
+            self._parts = [data]
+            self._decoder = codecs.getincrementaldecoder("utf-8")() if frame.opcode is _TEXT else None
+        else:
+            self._parts.append(data)
+        if self._decoder is not None:  # fail fast on invalid UTF-8 in a fragment
+            try:
+                self._decoder.decode(data, frame.fin)
+            except UnicodeDecodeError as exc:
+                self._invalid_utf8(exc)
+                return
+        if frame.fin:
+            whole = b"".join(self._parts)
+            message = whole.decode() if self._decoder is not None else whole
+            self._parts = self._decoder = None
+            self._deliver(message)
+
+    def _deliver(self, message: Any) -> None:
+        if not self.channel._deliver(message) and self.conn is not None:
+            self.conn.pause_reading()
+
+    def _invalid_utf8(self, exc: UnicodeDecodeError) -> None:
+        self._parts = self._decoder = None
+        self.protocol.fail(1007, f"invalid UTF-8 at position {exc.start}")
+        self.channel._finish(CloseStatus.INVALID_DATA, 1007, "invalid UTF-8")
+
+    def resume_reading(self) -> None:
+        if self.conn is not None:
+            self.conn.resume_reading()
+
+    # -- outbound --------------------------------------------------------------
+
+    def send(self, data: Any, close: Optional[bool], wait: bool) -> bool:
+        if not self.started:
+            self.accept_now()
+        protocol = self.protocol
+        if protocol.state is not State.OPEN:
+            return False
+        if isinstance(data, dict):
+            data = data.get("body", b"")
+        if isinstance(data, Event):
+            data = data.data
+        if isinstance(data, str):
+            protocol.send_text(data.encode())
+        else:
+            protocol.send_binary(data)
+        ok = self._write_pending(wait)
+        if close:
+            self.close(1000, "")
+        return ok
+
+    def ping(self, payload: bytes) -> bool:
+        if not self.started:
+            self.accept_now()
+        if self.protocol.state is not State.OPEN:
+            return False
+        self.protocol.send_ping(payload)
+        return self._write_pending()
+
+    def _write_pending(self, wait: bool = False) -> bool:
+        """Write what the protocol produced; honour its end-of-stream marker."""
+        conn = self.conn
+        ok = True
+        for chunk in self.protocol.data_to_send():
+            if chunk:
+                ok = conn.write(chunk, wait)
+            else:  # the protocol says the TCP connection should end now
+                conn.linger_close(self.options.close_timeout)
+        return ok
+
+    def _keepalive(self) -> None:
+        if self.protocol.state is not State.OPEN:
+            return
+        if self._pong_timer is not None and self._pong_timer.active:
+            return  # the previous ping is still waiting for its pong
+        self.ping(b"")
+        timeout = self.options.ping_timeout
+        if timeout:
+            if self._pong_timer is None:
+                self._pong_timer = get_hub().loop.timer(timeout)
+            self._pong_timer.start(self._pong_missing)
+
+    def _pong_missing(self) -> None:
+        log.debug("%r: no pong within %s s", self.channel, self.options.ping_timeout)
+        self.close(1011, "keepalive ping timeout", CloseStatus.TIMEOUT)
+        if self.conn is not None:  # the peer is unresponsive: do not wait for it
+            self.conn.abort()
+
+    # -- closing ---------------------------------------------------------------
+
+    def close(self, code: int, reason: str, status: CloseStatus = CloseStatus.SERVER_CLOSE) -> None:
+        """Start the close handshake (or answer 500 if it never opened)."""
+        if not self.started:
+            if status is CloseStatus.INTERNAL_ERROR:
+                self.reject(500, "Internal Server Error\n", None)
+                return
+            self.accept_now()
+        self.channel._finish(status, code, reason)
+        protocol = self.protocol
+        if protocol.state is State.OPEN and self.conn is not None and not self.conn.closed:
+            protocol.send_close(code, reason)
+            self._write_pending()
+            self._close_timer = get_hub().loop.timer(self.options.close_timeout)
+            self._close_timer.start(self.abort)
+
+    def shutdown(self) -> None:
+        """The server is stopping: 503 before the handshake, 1001 after it."""
+        if not self.started:
+            self.reject(503, "Server shutting down\n", {"Retry-After": "1"})
+        else:
+            self.close(1001, "server shutting down")
+
+    def abort(self) -> None:
+        """Cut the connection now."""
+        self.channel._finish(CloseStatus.SERVER_CLOSE)
+        if self.conn is not None:
+            self.conn.abort()
+
+    def _slow(self) -> None:
+        log.warning("%r: client not reading, closing as slow consumer", self.channel)
+        self.channel._finish(CloseStatus.SLOW_CONSUMER, 1013, "slow consumer")
+        self.conn.abort()
+
+    def _closed(self) -> None:
+        """The socket is closed: settle the channel and release every watcher."""
+        self.channel._finish(CloseStatus.GOING_AWAY, 1006, "")
+        for timer in (self._ping_timer, self._pong_timer, self._close_timer):
+            if timer is not None:
+                timer.stop()
+                timer.close()
+        self._ping_timer = self._pong_timer = self._close_timer = None
+        self.server._unregister(self.channel)
+        self.server._release()

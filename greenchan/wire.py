@@ -1,0 +1,59 @@
+"""HTTP/1.1 response bytes, shared by both transports (a WebSocket rejects in HTTP)."""
+from __future__ import annotations
+
+import http
+from typing import Any, Iterable, Mapping, Optional, Tuple, Union
+
+Headers = Union[Mapping[str, str], Iterable[Tuple[str, str]], None]
+
+
+def header_items(headers: Headers) -> list:
+    """Headers as a list of (name, value), from a dict or a list of pairs."""
+    if headers is None:
+        return []
+    if isinstance(headers, Mapping):
+        return list(headers.items())
+    return list(headers)
+
+
+def reason(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def response_head(status: int, headers: list, version: str = "HTTP/1.1") -> bytes:
+    """The status line and headers, ending with the blank line."""
+    lines = [f"{version} {status} {reason(status)}"]
+    for name, value in headers:
+        value = str(value)
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+            raise ValueError(f"header {name!r} contains a line break")
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def has_header(headers: list, name: str) -> bool:
+    name = name.lower()
+    return any(key.lower() == name for key, _ in headers)
+
+
+def to_bytes(body: Any) -> bytes:
+    if body is None:
+        return b""
+    if isinstance(body, str):
+        return body.encode()
+    return bytes(body)
+
+
+def http_response(status: int, headers: Headers, body: Any, close: bool) -> bytes:
+    """A complete response with ``Content-Length`` (a rejection, an error)."""
+    data = to_bytes(body)
+    items = header_items(headers)
+    if not has_header(items, "Content-Type"):
+        items.append(("Content-Type", "text/plain; charset=utf-8"))
+    items.append(("Content-Length", str(len(data))))
+    if close:
+        items.append(("Connection", "close"))
+    return response_head(status, items) + data
