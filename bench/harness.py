@@ -1,0 +1,272 @@
+"""What run.py and fanout.py share: start a pinned server, run the pinned Node client.
+
+The server runs on core 0 (`taskset -c 0`), the client on core 1, each in its own
+process group so that nothing outlives a run. The server's CPU time comes from
+/proc/<pid>/stat and its memory from /proc/<pid>/status; the client reports its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+SERVERS_DIR = BENCH / "servers"
+NODE_DIR = BENCH / "node"
+CLIENT = NODE_DIR / "client.js"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SERVER_CORE = "0"
+CLIENT_CORE = "1"
+
+
+class BenchError(RuntimeError):
+    """A run that could not produce a figure; the message says why."""
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (and its reaped children: none here)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # After the ")" of comm, field 3 (state) is index 0, so utime (14) is index 11.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    if p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=3)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=5)
+
+
+class Server:
+    """One server process, pinned to core 0; use as a context manager."""
+
+    def __init__(self, script: str, *args: str, python: str = sys.executable, timeout: float = 20):
+        self.cmd = ["taskset", "-c", SERVER_CORE, python, str(SERVERS_DIR / script), "0", *args]
+        self.timeout = timeout
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.stderr_path = Path(f"/tmp/greenchan-bench-{os.getpid()}-{script}.err")
+
+    def __enter__(self) -> "Server":
+        err = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=err,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        err.close()
+        try:
+            line = _readline(self.proc, self.timeout)
+            if not line or not line.startswith("READY "):
+                raise BenchError(f"server did not start: {line!r}; stderr: {self.stderr_tail()}")
+            self.port = int(line.split()[1])
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        time.sleep(0.2)   # let the import-time garbage settle before any baseline
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc)
+            if self.proc.stdout:
+                self.proc.stdout.close()
+
+    @property
+    def pid(self) -> int:
+        # taskset execs the interpreter, so the child's pid is the server's pid.
+        assert self.proc is not None
+        return self.proc.pid
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.pid)
+
+    def rss_kib(self) -> int:
+        return proc_rss_kib(self.pid)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stderr_tail(self, n: int = 1500) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+def _readline(p: subprocess.Popen, timeout: float) -> str:
+    """One line of p's stdout within `timeout` seconds, or "" at EOF / timeout."""
+    assert p.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    try:
+        deadline = time.monotonic() + timeout
+        buf = b""
+        fd = p.stdout.fileno()
+        while time.monotonic() < deadline:
+            if not sel.select(max(0.0, deadline - time.monotonic())):
+                break
+            ch = os.read(fd, 1)   # byte at a time: lines are few and short
+            if not ch:
+                break
+            if ch == b"\n":
+                return buf.decode()
+            buf += ch
+        return buf.decode() if buf else ""
+    finally:
+        sel.close()
+
+
+def run_client(server: Server, mode: str, timeout: float, **params) -> dict:
+    """Run the Node client in `mode` against `server`; return its JSON result.
+
+    The server's CPU seconds are sampled at the client's START line and at its result,
+    so both CPU figures cover the same measured window.
+    """
+    args = [f"--{k.replace('_', '-')}={v}" if v is not True else f"--{k}"
+            for k, v in params.items() if v is not None and v is not False]
+    cmd = ["taskset", "-c", CLIENT_CORE, "node", str(CLIENT), f"--mode={mode}",
+           f"--timeout={int(timeout)}", *args]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True, cwd=NODE_DIR)
+    deadline = time.monotonic() + timeout + 5
+    marks: dict[str, float] = {}
+    load = os.getloadavg()[0]   # other work on this shared machine shows up here
+    result: dict | None = None
+    try:
+        while time.monotonic() < deadline:
+            line = _readline(p, deadline - time.monotonic())
+            if not line:
+                break
+            if line == "START":
+                marks["cpu0"], marks["t0"] = server.cpu_s(), time.monotonic()
+            elif line.startswith("WARM "):
+                time.sleep(1.0)
+                marks["rss0"] = server.rss_kib()
+                assert p.stdin is not None
+                p.stdin.write(b"go\n")
+                p.stdin.flush()
+            elif line.startswith("OPEN "):
+                time.sleep(1.5)   # let the server finish whatever it does per connection
+                marks["rss1"] = server.rss_kib()
+            elif line.startswith("{"):
+                result = json.loads(line)
+                if "cpu0" in marks and server.alive():
+                    cpu = server.cpu_s() - marks["cpu0"]
+                    wall = time.monotonic() - marks["t0"]
+                    result["server_cpu_s"] = cpu
+                    result["server_cpu_pct"] = 100 * cpu / wall if wall > 0 else None
+                result["loadavg_1m"] = load
+                if "rss1" in marks:
+                    result["rss0_kib"], result["rss1_kib"] = marks["rss0"], marks["rss1"]
+                break
+    finally:
+        _kill_group(p)
+        err = p.stderr.read().decode(errors="replace")[-1500:] if p.stderr else ""
+        for f in (p.stdout, p.stdin, p.stderr):
+            if f:
+                f.close()
+    if result is None:
+        raise BenchError(f"client gave no result ({mode}); stderr: {err.strip()}; "
+                         f"server alive: {server.alive()}; server stderr: {server.stderr_tail()}")
+    if "error" in result:
+        raise BenchError(f"client: {result['error']}; server stderr: {server.stderr_tail()}")
+    return result
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cmd_version(cmd: list[str]) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def versions() -> dict:
+    """Everything a figure depends on, to be written beside it."""
+    v: dict = {"python": platform.python_version(), "python_executable": sys.executable}
+    for dist in ("greenchan", "gevent", "greenlet", "gevent-websocket", "Flask", "flask-sock",
+                 "simple-websocket", "Werkzeug", "websockets", "aiohttp", "redis"):
+        v[dist] = _dist_version(dist)
+    try:
+        import greenchan  # noqa: F401
+        v["greenchan_import"] = "ok"
+    except Exception as exc:   # the package may be mid-rewrite; record why
+        v["greenchan_import"] = f"{type(exc).__name__}: {exc}"
+    v["node"] = _cmd_version(["node", "--version"])
+    for pkg in ("ws", "bufferutil"):
+        try:
+            v[pkg] = json.loads((NODE_DIR / "node_modules" / pkg / "package.json").read_text())["version"]
+        except OSError:
+            v[pkg] = None
+    v["redis-server"] = _cmd_version(["redis-server", "--version"])
+    v["kernel"] = platform.release()
+    v["cpus"] = os.cpu_count()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                v["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        v["greenchan_commit"] = subprocess.run(
+            ["git", "-C", str(BENCH.parent), "log", "-1", "--format=%h %s"],
+            capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return v
+
+
+def check_node() -> None:
+    if not (NODE_DIR / "node_modules" / "ws").exists():
+        raise SystemExit(f"the Node client needs its packages: (cd {NODE_DIR} && npm ci)")
+
+
+def use_bench_venv() -> None:
+    """Re-run this script under the benchmark venv, where the peers are installed.
+
+    `python bench/run.py` then works from any interpreter; BENCH_VENV names another venv.
+    """
+    venv = Path(os.environ.get("BENCH_VENV", "/work/benchvenv"))
+    py = venv / "bin" / "python"
+    if os.environ.get("GREENCHAN_BENCH_VENV_USED") or not py.exists():
+        return
+    if Path(sys.prefix).resolve() == venv.resolve():
+        return
+    os.environ["GREENCHAN_BENCH_VENV_USED"] = "1"
+    os.execv(str(py), [str(py), *sys.argv])

@@ -1,0 +1,362 @@
+"""greenchan side by side with its peers, in one run on this machine.
+
+    python bench/run.py                      # everything, about 10 minutes
+    python bench/run.py --quick              # short windows, about 3 minutes
+    python bench/run.py -w echo-64 -w fanout-1000 -s greenchan -s aiohttp
+    python bench/run.py --list
+
+Each (workload, server) pair gets a fresh server process pinned to core 0 and a Node
+client pinned to core 1 (bench/node/client.js). Writes bench/results.md and
+bench/results.json, with the versions of everything that ran. Absolute figures on a
+shared 2-core machine are noise; the ratios between servers in one run are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness import BENCH, BenchError, Server, check_node, run_client, use_bench_venv, versions
+
+
+@dataclass
+class Peer:
+    """A server under test: its file in servers/ and what it can be asked to do."""
+
+    name: str
+    script: str
+    kind: str   # "ws": WebSocket echo and broadcast; "tcp": raw echo; "http": HTTP only
+    http: bool = False   # serves /poll, /stream and /idle
+
+
+SERVERS = [
+    Peer("greenchan", "greenchan_server.py", "ws", http=True),
+    Peer("gevent-websocket", "gevent_websocket_server.py", "ws"),
+    Peer("flask-sock", "flask_sock_server.py", "ws"),
+    Peer("websockets", "websockets_server.py", "ws"),
+    Peer("aiohttp", "aiohttp_server.py", "ws"),
+    Peer("raw-gevent-tcp", "raw_gevent_tcp.py", "tcp"),
+    Peer("raw-asyncio-tcp", "raw_asyncio_tcp.py", "tcp"),
+    Peer("pywsgi", "pywsgi_server.py", "http", http=True),
+]
+BY_NAME = {p.name: p for p in SERVERS}
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    unit: str
+    higher_is_better: bool
+    applies: callable
+    run: callable
+    target: str = ""
+    rows: list = field(default_factory=list)   # extra (key, title, unit, higher) rows
+
+
+def _echo(conns: int, size: int, binary: bool = False):
+    def run(peer: Peer, srv: Server, o) -> dict:
+        params = dict(conns=conns, size=size, duration=o.duration, warmup=o.warmup)
+        if peer.kind == "tcp":
+            return run_client(srv, "tcp-echo", o.duration + o.warmup + 30, port=srv.port, **params)
+        if o.ws_lib:
+            return run_client(srv, "ws-echo", o.duration + o.warmup + 30,
+                              url=f"ws://127.0.0.1:{srv.port}/echo", binary=binary,
+                              zero_mask=binary, **params)
+        return run_client(srv, "ws-echo-raw", o.duration + o.warmup + 30,
+                          url=f"ws://127.0.0.1:{srv.port}/echo", binary=binary, **params)
+    return run
+
+
+def _echo_value(r: dict, binary: bool) -> float:
+    return r["mb_per_s"] if binary else r["rate"]
+
+
+def _idle(path: str, http: bool):
+    def run(peer: Peer, srv: Server, o) -> dict:
+        if http:
+            r = run_client(srv, "http-idle", 120, port=srv.port, path=path, warm=100,
+                           conns=o.idle_conns, hold=60)
+        else:
+            r = run_client(srv, "ws-idle", 120, url=f"ws://127.0.0.1:{srv.port}{path}",
+                           warm=100, conns=o.idle_conns, hold=60)
+        if r.get("failed"):
+            raise BenchError(f"{r['failed']} idle connections failed to open")
+        r["kib_per_conn"] = (r["rss1_kib"] - r["rss0_kib"]) / r["opened"]
+        return r
+    return run
+
+
+def _fanout(subs: int):
+    def run(peer: Peer, srv: Server, o) -> dict:
+        return run_client(srv, "ws-fanout", o.fanout_budget + 90, url=f"ws://127.0.0.1:{srv.port}",
+                          subs=subs, rounds=o.fanout_rounds, duration=o.fanout_budget)
+    return run
+
+
+def _http(path: str):
+    def run(peer: Peer, srv: Server, o) -> dict:
+        r = run_client(srv, "http", o.duration + o.warmup + 30, port=srv.port, path=path,
+                       conns=64, duration=o.duration, warmup=o.warmup)
+        if r.get("non_200") or r.get("errors"):
+            r["note"] = f"{r.get('non_200')} non-200, {r.get('errors')} errors"
+        return r
+    return run
+
+
+def is_ws_or_tcp(p: Peer) -> bool:
+    return p.kind in ("ws", "tcp")
+
+
+WORKLOADS = [
+    Workload("echo-1", "echo 32 B text, 1 conn", "msg/s", True, is_ws_or_tcp, _echo(1, 32),
+             target="≥ 1.0x fastest peer"),
+    Workload("echo-64", "echo 32 B text, 64 conns", "msg/s", True, is_ws_or_tcp, _echo(64, 32),
+             target="≥ 1.4x fastest peer"),
+    Workload("echo-512", "echo 32 B text, 512 conns", "msg/s", True, is_ws_or_tcp, _echo(512, 32),
+             target="≥ 1.4x fastest peer"),
+    Workload("echo-256k", "echo 256 KiB binary, 16 conns", "MB/s", True, is_ws_or_tcp,
+             _echo(16, 256 * 1024, binary=True), target="≥ 1.3x fastest peer"),
+    Workload("idle-ws", "idle memory per WebSocket", "KiB", False, lambda p: p.kind == "ws",
+             _idle("/echo", http=False), target="< 10 KiB"),
+    Workload("idle-poll", "idle memory per long-poll", "KiB", False, lambda p: p.http,
+             _idle("/idle", http=True)),
+    Workload("fanout-1000", "broadcast to 1,000 subscribers", "ms", False, lambda p: p.kind == "ws",
+             _fanout(1000), target="< 5 ms"),
+    Workload("fanout-5000", "broadcast to 5,000 subscribers", "ms", False, lambda p: p.kind == "ws",
+             _fanout(5000), target="linear: ≤ 5x fanout-1000"),
+    Workload("poll", "long-poll requests, 64 conns", "req/s", True, lambda p: p.http, _http("/poll"),
+             target="≥ 0.9x pywsgi"),
+    Workload("stream", "streamed responses (3 chunks), 64 conns", "req/s", True, lambda p: p.http,
+             _http("/stream")),
+]
+BY_WORKLOAD = {w.name: w for w in WORKLOADS}
+
+
+def value_of(w: Workload, r: dict) -> float | None:
+    """The workload's headline figure from one result."""
+    if w.name.startswith("echo"):
+        return _echo_value(r, w.name == "echo-256k")
+    if w.name.startswith("idle"):
+        return r["kib_per_conn"]
+    if w.name.startswith("fanout"):
+        return r["p50_ms"]
+    return r["rate"]
+
+
+def fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "–"
+    if unit in ("msg/s", "req/s"):
+        return f"{v:,.0f}"
+    if unit == "MB/s":
+        return f"{v:,.0f}"
+    if unit == "ms":
+        return f"{v:.2f}"
+    return f"{v:.1f}"
+
+
+def advantage(w: Workload, gc: float | None, peer: float | None) -> float | None:
+    """How many times better greenchan is than the peer (> 1: greenchan is better)."""
+    if not gc or not peer:
+        return None
+    return gc / peer if w.higher_is_better else peer / gc
+
+
+def run_all(o) -> dict:
+    results: dict = {}
+    t_start = time.monotonic()
+    for w in [BY_WORKLOAD[n] for n in o.workloads]:
+        for peer in [BY_NAME[n] for n in o.servers]:
+            if not w.applies(peer):
+                continue
+            key = f"{w.name} / {peer.name}"
+            t0 = time.monotonic()
+            try:
+                with Server(peer.script) as srv:
+                    r = w.run(peer, srv, o)
+                r["value"] = value_of(w, r)
+                r["client_bound"] = (r.get("client_cpu_pct") or 0) >= 90
+            except BenchError as exc:
+                r = {"error": str(exc)[:2000]}
+            except Exception as exc:   # one broken server must not stop the suite
+                r = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            r["seconds"] = round(time.monotonic() - t0, 1)
+            results.setdefault(w.name, {})[peer.name] = r
+            shown = fmt(r.get("value"), w.unit) + " " + w.unit if "value" in r else "ERROR " + r["error"][:300]
+            extra = ""
+            if "server_cpu_pct" in r:
+                extra = f"  (server {r['server_cpu_pct']:.0f}% cpu, client {r.get('client_cpu_pct', 0):.0f}% cpu)"
+            print(f"{key:45s} {shown}{extra}  [{r['seconds']}s]", flush=True)
+    print(f"total {time.monotonic() - t_start:.0f}s", flush=True)
+    return results
+
+
+def markdown(results: dict, o, info: dict) -> str:
+    peers = [n for n in o.servers if n != "greenchan"]
+    cols = [n for n in o.servers]
+    ws = [BY_WORKLOAD[n] for n in o.workloads if n in results]
+    out = ["# greenchan benchmarks, side by side", ""]
+    out.append(f"Run {info['date']} with `{info['command']}` "
+               f"({'quick' if o.quick else 'full'} mode, {info['seconds']:.0f} s in all). "
+               "Each server on core 0, the Node `ws` client on core 1, one fresh server per "
+               "figure. Absolute figures on a shared 2-core machine are noise: read the ratios.")
+    out.append("")
+    out.append("## Figures")
+    out.append("")
+    out.append("| workload | unit | " + " | ".join(cols) + " |")
+    out.append("|---|---|" + "---:|" * len(cols))
+
+    def cell(w, name, key="value"):
+        r = results.get(w.name, {}).get(name)
+        if r is None:
+            return ""
+        if "error" in r:
+            return "error"
+        v = r.get(key)
+        s = fmt(v, w.unit)
+        if r.get("client_bound") and w.higher_is_better:
+            s += " †"
+        return s
+
+    for w in ws:
+        label = w.title + (" (median)" if w.name.startswith("fanout") else "")
+        out.append(f"| {label} | {w.unit} | " + " | ".join(cell(w, n) for n in cols) + " |")
+        if w.name.startswith("fanout"):
+            out.append(f"| {w.title} (p99) | ms | " + " | ".join(cell(w, n, "p99_ms") for n in cols) + " |")
+        if w.name in ("echo-64", "echo-512"):
+            out.append(f"| {w.title}: p99 round trip | ms | "
+                       + " | ".join(fmt(results[w.name].get(n, {}).get("p99_ms"), "ms")
+                                    if n in results[w.name] else "" for n in cols) + " |")
+    out.append("")
+    out.append("† the client used ≥ 90% of its core: a client-bound figure, a floor for the server.")
+    out.append("")
+    out.append("## greenchan against each peer")
+    out.append("")
+    out.append("Times better (> 1: greenchan is better; for memory and latency this is peer / greenchan).")
+    out.append("")
+    out.append("| workload | target (issue 6) | " + " | ".join(peers) + " | met? |")
+    out.append("|---|---|" + "---:|" * len(peers) + "---|")
+    for w in ws:
+        row = results[w.name]
+        gc = row.get("greenchan", {}).get("value")
+        cells, best = [], None
+        for n in peers:
+            a = advantage(w, gc, row.get(n, {}).get("value"))
+            cells.append("" if n not in row else (f"{a:.2f}x" if a else "–"))
+            # "fastest peer" means the fastest real peer, not the raw-TCP floors.
+            if a and not n.startswith("raw-"):
+                best = a if best is None else min(best, a)
+        out.append(f"| {w.title} | {w.target} | " + " | ".join(cells) + f" | {verdict(w, gc, best, results)} |")
+    out.append("")
+    out.append("## Every run")
+    out.append("")
+    out.append("| workload | server | figure | p50 ms | p99 ms | server CPU % | client CPU % | note |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---|")
+    for w in ws:
+        for n in cols:
+            r = results[w.name].get(n)
+            if r is None:
+                continue
+            if "error" in r:
+                err = r["error"].replace("|", "/").replace("\n", " ")[:300]
+                out.append(f"| {w.name} | {n} | error | | | | | {err} |")
+                continue
+            note = r.get("note", "")
+            if w.name.startswith("idle"):
+                note = f"{r['opened']} conns, RSS {r['rss0_kib']} → {r['rss1_kib']} KiB"
+            if w.name.startswith("fanout"):
+                note = f"{r['rounds']} rounds, {r['lost']} lost"
+            pct = lambda k: f"{r[k]:.0f}" if r.get(k) is not None else ""  # noqa: E731
+            out.append(f"| {w.name} | {n} | {fmt(r.get('value'), w.unit)} {w.unit} | "
+                       f"{fmt(r.get('p50_ms'), 'ms')} | {fmt(r.get('p99_ms'), 'ms')} | "
+                       f"{pct('server_cpu_pct')} | {pct('client_cpu_pct')} | {note} |")
+    out.append("")
+    out.append("## Versions")
+    out.append("")
+    out.append("| | |")
+    out.append("|---|---|")
+    for k, v in info["versions"].items():
+        out.append(f"| {k} | {v} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def verdict(w: Workload, gc, best, results) -> str:
+    if gc is None:
+        return "no figure"
+    if w.name in ("echo-1",):
+        return "yes" if best and best >= 1.0 else "no"
+    if w.name in ("echo-64", "echo-512"):
+        return "yes" if best and best >= 1.4 else "no"
+    if w.name == "echo-256k":
+        return "yes" if best and best >= 1.3 else "no"
+    if w.name == "idle-ws":
+        return "yes" if gc < 10 else "no"
+    if w.name == "fanout-1000":
+        return "yes" if gc < 5 else "no"
+    if w.name == "fanout-5000":
+        small = results.get("fanout-1000", {}).get("greenchan", {}).get("value")
+        if small:
+            return f"{gc / small:.1f}x fanout-1000 ({'yes' if gc / small <= 5.5 else 'no'})"
+        return ""
+    if w.name == "poll":
+        base = results[w.name].get("pywsgi", {}).get("value")
+        if base:
+            return "yes" if gc / base >= 0.9 else "no"
+    return ""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-w", "--workload", dest="workloads", action="append", choices=list(BY_WORKLOAD),
+                    help="run only these workloads (repeatable)")
+    ap.add_argument("-s", "--server", dest="servers", action="append", choices=list(BY_NAME),
+                    help="run only these servers (repeatable)")
+    ap.add_argument("--quick", action="store_true", help="short windows and fewer rounds")
+    ap.add_argument("--duration", type=float, help="seconds measured per throughput figure")
+    ap.add_argument("--idle-conns", type=int, help="idle connections for the memory figures")
+    ap.add_argument("--ws-lib", action="store_true",
+                    help="drive WebSocket echo with the ws library instead of the lean raw-frame client")
+    ap.add_argument("--out", default=str(BENCH), help="where results.md and results.json go")
+    ap.add_argument("--list", action="store_true", help="list workloads and servers, then exit")
+    o = ap.parse_args(argv)
+    if o.list:
+        for w in WORKLOADS:
+            print(f"workload {w.name:12s} {w.title} ({w.unit})")
+        for p in SERVERS:
+            print(f"server   {p.name:18s} servers/{p.script}")
+        return 0
+    check_node()
+    o.workloads = o.workloads or [w.name for w in WORKLOADS]
+    o.servers = o.servers or [p.name for p in SERVERS]
+    o.duration = o.duration or (1.5 if o.quick else 4.0)
+    o.warmup = 0.5 if o.quick else 1.0
+    o.idle_conns = o.idle_conns or 5000
+    o.fanout_rounds = 10 if o.quick else 40
+    o.fanout_budget = 5 if o.quick else 15
+
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "versions": versions()}
+    print(f"greenchan: {info['versions'].get('greenchan')} ({info['versions'].get('greenchan_import')})")
+    t0 = time.monotonic()
+    results = run_all(o)
+    info["seconds"] = time.monotonic() - t0
+    out = Path(o.out)
+    (out / "results.json").write_text(json.dumps(
+        {"info": info, "options": {k: v for k, v in vars(o).items()}, "results": results},
+        indent=1, default=str) + "\n")
+    (out / "results.md").write_text(markdown(results, o, info))
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    use_bench_venv()
+    sys.exit(main())

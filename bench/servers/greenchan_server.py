@@ -1,0 +1,70 @@
+"""greenchan: echo, broadcast, long-poll, streaming and idle routes on one Server.
+
+    python greenchan_server.py PORT [REDIS_URL]
+
+Routes (one handler each, plain WSGI dispatch on PATH_INFO):
+  /echo    WebSocket echo
+  /sub     joins the group "all" (WebSocket subscriber; stays idle)
+  /pub     each message received is broadcast to the group "all"
+  /poll    long-poll answered at once with a fixed body (complete response)
+  /stream  a streamed response of three chunks, then the end of the stream
+  /idle    a channel that the handler keeps and never answers (idle long-poll)
+"""
+
+import sys
+
+from greenchan import MemoryChannelStore, RedisChannelStore, Server, with_channel
+
+store = RedisChannelStore(sys.argv[2]) if len(sys.argv) > 2 else MemoryChannelStore()
+held = set()
+
+
+@with_channel
+def echo(ch):
+    ch.on_receive(ch.send)
+
+
+@with_channel
+def sub(ch):
+    store.add_to_group("all", ch)
+
+
+@with_channel
+def pub(ch):
+    ch.on_receive(lambda message: store.broadcast("all", message))
+
+
+@with_channel
+def poll(ch):
+    ch.send("hello, world")
+
+
+@with_channel
+def stream(ch):
+    ch.send("chunk 1\n", close=False)
+    ch.send("chunk 2\n")
+    ch.send("chunk 3\n")
+    ch.close()
+
+
+@with_channel
+def idle(ch):
+    held.add(ch)
+    ch.on_close(lambda status: held.discard(ch))
+
+
+ROUTES = {"/echo": echo, "/sub": sub, "/pub": pub, "/poll": poll, "/stream": stream, "/idle": idle}
+
+
+def app(environ, start_response):
+    route = ROUTES.get(environ.get("PATH_INFO", "/"))
+    if route is None:
+        start_response("404 Not Found", [("Content-Length", "0")])
+        return [b""]
+    return route(environ, start_response)
+
+
+if __name__ == "__main__":
+    server = Server(app, host="127.0.0.1", port=int(sys.argv[1]), compression=None).start()
+    print(f"READY {server.port}", flush=True)
+    server.serve_forever()
