@@ -168,14 +168,14 @@ class ChatApp:
             self._attach(cid, user, room, channel)
             return
 
-        # Long-poll: one message per response.
+        # Long-poll: one message per response. Touch first: a new session's own
+        # "joined" is then already in the history this poll looks at.
+        self._touch(cid, user, room)
         pending = self._after(room, last)
         if pending:
-            self._touch(cid, user, room)
             channel.send(self._longpoll_response(pending[0][1], pending[0][2]))
             return
         if q.get("gc_open"):
-            self._touch(cid, user, room)
             channel.close()  # 204 at once: the client knows the server is there
             return
         self.store.add_to_group(group, channel, "longpoll")

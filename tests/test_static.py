@@ -1,0 +1,127 @@
+"""greenchan/static.py: serving greenchan.js from plain WSGI and from Flask."""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+import requests
+
+import greenchan.static
+from greenchan import Server
+from greenchan.static import JAVASCRIPT_PATH, StaticFile, javascript
+
+TIMEOUT = 10
+
+
+def _source() -> bytes:
+    with open(JAVASCRIPT_PATH, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def url():
+    with Server(javascript, port=0) as server:
+        yield "http://127.0.0.1:%d/greenchan.js" % server.port
+
+
+def test_serves_the_client_with_cache_headers(url):
+    r = requests.get(url, timeout=TIMEOUT)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"] == "application/javascript; charset=utf-8"
+    assert r.headers["Cache-Control"] == "public, max-age=3600"
+    assert r.headers["ETag"].startswith('"') and r.headers["ETag"].endswith('"')
+    modified = email.utils.parsedate_to_datetime(r.headers["Last-Modified"]).timestamp()
+    assert modified == int(os.stat(JAVASCRIPT_PATH).st_mtime)
+    assert int(r.headers["Content-Length"]) == len(_source())
+    assert r.content == _source()
+
+
+@pytest.mark.parametrize("tag", ["{etag}", "W/{etag}", '"other", {etag}', "*"])
+def test_if_none_match_answers_304(url, tag):
+    etag = requests.get(url, timeout=TIMEOUT).headers["ETag"]
+    r = requests.get(url, headers={"If-None-Match": tag.format(etag=etag)}, timeout=TIMEOUT)
+    assert r.status_code == 304
+    assert r.content == b""
+    assert r.headers["ETag"] == etag
+    assert r.headers["Cache-Control"] == "public, max-age=3600"
+
+
+def test_stale_etag_gets_the_file(url):
+    r = requests.get(url, headers={"If-None-Match": '"stale"'}, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.content == _source()
+
+
+def test_if_modified_since(url):
+    last_modified = requests.get(url, timeout=TIMEOUT).headers["Last-Modified"]
+    assert requests.get(url, headers={"If-Modified-Since": last_modified}, timeout=TIMEOUT).status_code == 304
+    assert requests.get(url, headers={"If-Modified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"},
+                        timeout=TIMEOUT).status_code == 200
+    assert requests.get(url, headers={"If-Modified-Since": "not a date"}, timeout=TIMEOUT).status_code == 200
+    # If-None-Match wins over If-Modified-Since (RFC 9110 13.1.3).
+    r = requests.get(url, headers={"If-Modified-Since": last_modified, "If-None-Match": '"stale"'}, timeout=TIMEOUT)
+    assert r.status_code == 200
+
+
+def test_head_and_other_methods(url):
+    r = requests.head(url, timeout=TIMEOUT)
+    assert r.status_code == 200 and r.content == b""
+    assert int(r.headers["Content-Length"]) == len(_source())
+    r = requests.post(url, data=b"x", timeout=TIMEOUT)
+    assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD"
+
+
+def test_flask_view_in_one_line():
+    flask = pytest.importorskip("flask")
+    app = flask.Flask(__name__)
+    app.add_url_rule("/greenchan.js", view_func=greenchan.static.javascript)
+    with Server(app, port=0) as server:
+        url = "http://127.0.0.1:%d/greenchan.js" % server.port
+        r = requests.get(url, timeout=TIMEOUT)
+        assert r.status_code == 200 and r.content == _source()
+        assert r.headers["Content-Type"] == "application/javascript; charset=utf-8"
+        assert r.headers["Cache-Control"] == "public, max-age=3600"
+        r2 = requests.get(url, headers={"If-None-Match": r.headers["ETag"]}, timeout=TIMEOUT)
+        assert r2.status_code == 304 and r2.content == b""
+
+
+def test_an_edited_file_is_served_anew(tmp_path):
+    path = tmp_path / "x.js"
+    path.write_text("var a = 1;\n")
+    app = StaticFile(str(path), "application/javascript; charset=utf-8")
+    with Server(app, port=0) as server:
+        url = "http://127.0.0.1:%d/x.js" % server.port
+        first = requests.get(url, timeout=TIMEOUT)
+        path.write_text("var a = 22;\n")
+        later = time.time() + 10
+        os.utime(path, (later, later))
+        second = requests.get(url, headers={"If-None-Match": first.headers["ETag"]}, timeout=TIMEOUT)
+        assert second.status_code == 200 and second.text == "var a = 22;\n"
+        assert second.headers["ETag"] != first.headers["ETag"]
+
+
+def test_missing_file_says_what_to_do(tmp_path):
+    app = StaticFile(str(tmp_path / "gone.js"), "application/javascript")
+    with Server(app, port=0) as server:
+        r = requests.get("http://127.0.0.1:%d/" % server.port, timeout=TIMEOUT)
+        assert r.status_code == 500 and "reinstall greenchan" in r.text
+
+
+def test_client_is_one_dependency_free_script():
+    src = _source().decode("utf-8")
+    for modern in ("?.", "??", "import(", "export "):  # newer than ES2017 or a module
+        assert modern not in src, modern
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the script's syntax was not checked")
+    subprocess.run([node, "--check", JAVASCRIPT_PATH], check=True, timeout=TIMEOUT)
+    # Evaluated as a classic script it exposes window.greenchan.connect.
+    probe = ("const vm = require('vm'); const fs = require('fs');"
+             "const window = {}; vm.createContext(window);"
+             "vm.runInContext(fs.readFileSync(process.argv[1], 'utf8'), window);"
+             "if (typeof window.greenchan.connect !== 'function') process.exit(3);")
+    subprocess.run([node, "-e", probe, JAVASCRIPT_PATH], check=True, timeout=TIMEOUT)
