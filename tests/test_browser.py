@@ -33,6 +33,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 # Scripts run in the page before its own: take transports away.
 NO_WEBSOCKET = "window.WebSocket = undefined;"
 NO_EVENTSOURCE = "window.EventSource = undefined;"
+# As behind a proxy that refuses upgrades: every WebSocket goes to a closed port.
+BLOCKED_WEBSOCKET = """(() => {
+    const Real = window.WebSocket;
+    window.WebSocket = function (url, protocols) { return new Real("ws://127.0.0.1:9/blocked", protocols); };
+    window.WebSocket.prototype = Real.prototype;
+})();"""
 
 
 def _chromium() -> str:
@@ -83,10 +89,11 @@ def chat() -> Any:
 class ChatServer:
     """The chat example on a gevent Server in this process; restartable on its port."""
 
-    def __init__(self, chat: Any) -> None:
+    def __init__(self, chat: Any, **options: Any) -> None:
         self.chat = chat
+        self.options = options
         self.app = chat.make_app()
-        self.server = Server(self.app, port=0).start()
+        self.server = Server(self.app, port=0, **options).start()
         self.port = self.server.port
 
     def url(self, room: str, user: str) -> str:
@@ -99,7 +106,7 @@ class ChatServer:
     def start_again(self) -> None:
         # A new process would start with empty rooms: so does a new app.
         self.app = self.chat.make_app()
-        self.server = Server(self.app, port=self.port).start()
+        self.server = Server(self.app, port=self.port, **self.options).start()
 
     def close(self) -> None:
         if self.server.status != "stopped":
@@ -271,3 +278,38 @@ def test_backoff_queue_limit_and_drops(browser, chat_server):
         assert not errors, errors
     finally:
         context.close()
+
+
+def test_falls_back_when_websocket_cannot_open(browser, chat_server):
+    ann = Person(browser, chat_server, "blocked", "ann", (BLOCKED_WEBSOCKET,))
+    ben = Person(browser, chat_server, "blocked", "ben", ())
+    try:
+        ann.wait_open("sse")
+        ben.wait_open("websocket")
+        ann.say("my websocket is blocked")
+        ben.sees("ann", "my websocket is blocked")
+        ben.say("yours goes over SSE then")
+        ann.sees("ben", "yours goes over SSE then")
+        ann.shot("blocked-websocket-ann")
+    finally:
+        ann.close()
+        ben.close()
+
+
+def test_a_rejected_post_is_reported_and_the_rest_goes_on(browser, chat):
+    srv = ChatServer(chat, max_body=1000)
+    ann = Person(browser, srv, "limits", "ann", (NO_WEBSOCKET,))
+    ben = Person(browser, srv, "limits", "ben", ())
+    try:
+        ann.wait_open("sse")
+        ben.wait_open("websocket")
+        ann.say("x" * 1500)  # over max_body: the server answers 413
+        ann.page.locator("li.drop", has_text="rejected by the server: HTTP 413").wait_for()
+        ann.say("a short one")
+        ben.sees("ann", "a short one")
+        assert "x" * 1500 not in ben.page.inner_text("#messages")
+        ann.shot("rejected-post-ann")
+    finally:
+        ann.close()
+        ben.close()
+        srv.close()

@@ -71,6 +71,9 @@
     maxReconnectDelay: 30000,
     reconnectJitter: 0.5,
     maxReconnectAttempts: Infinity,
+    // The backoff starts over once a connection has stayed open this long, so a
+    // server that accepts and at once drops the connection is not hammered.
+    stableAfter: 5000,
     // Messages kept while disconnected (or waiting for their POST); beyond it
     // send() returns false and `ondrop` fires.
     maxQueue: 100,
@@ -340,6 +343,7 @@
     this._next = 0;
     this._preferred = 0;
     this._timer = null;
+    this._stableTimer = null;
     this._everOpened = false;
     this._listeners = {};
     var self = this;
@@ -414,6 +418,7 @@
     // One round over the usable transports, starting with the one that last worked.
     clearTimeout(this._timer);
     this._timer = null;
+    if (this.state === "closed") return;
     var usable = this.transports.filter(available);
     if (!usable.length) {
       this._emit("error", {message: "no usable transport among " + JSON.stringify(this.transports)});
@@ -443,7 +448,9 @@
     this.state = "open";
     this.transport = driver.name;
     this._preferred = this.transports.indexOf(driver.name);
-    this.reconnectAttempt = 0;
+    var self = this;
+    clearTimeout(this._stableTimer);
+    this._stableTimer = setTimeout(function () { self.reconnectAttempt = 0; }, this.options.stableAfter);
     driver.flush();  // what was queued goes before what onopen sends
     this._emit("open", {transport: driver.name, reconnected: reconnected});
   };
@@ -458,6 +465,7 @@
     if (driver !== this._driver) return;
     this._driver = null;
     info.transport = driver.name;
+    clearTimeout(this._stableTimer);
     if (driver.opened) {
       this._emit("error", {message: driver.name + " connection lost: " + (info.reason || "")});
       this._scheduleReconnect(info);
@@ -491,6 +499,7 @@
   Connection.prototype._finish = function (event) {
     this.state = "closed";
     clearTimeout(this._timer);
+    clearTimeout(this._stableTimer);
     if (root.removeEventListener) root.removeEventListener("online", this._online);
     var d = this._driver;
     this._driver = null;
