@@ -7,6 +7,7 @@ whichever transport the client uses. See README.md for a tour.
 from .channel import Channel, ChannelClosed, CloseStatus, Event
 from .decorator import with_channel
 from .server import Server, run_server
+from .stores import ChannelStore, MemoryChannelStore, RedisChannelStore
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,8 @@ __all__ = [
     "Event",
     "Server",
     "run_server",
+    "ChannelStore",
+    "MemoryChannelStore",
+    "RedisChannelStore",
     "__version__",
 ]
