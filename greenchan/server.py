@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import time
 from typing import Any, Callable, Optional, Set
 
 import gevent
@@ -226,20 +227,42 @@ class Server:
             return
         self.status = "stopping"
         wsgi.close()
-        for channel in list(self._channels):
-            channel._transport.shutdown()
-        pool = wsgi.pool
-        for handler in list(self._handlers):
-            if handler._idle:  # an idle keep-alive connection: nothing to wait for
-                handler._greenlet.kill(block=False)
-        pool.join(timeout=timeout)
-        for channel in list(self._channels):
-            channel._transport.abort()
-        pool.kill(block=True, timeout=1)
+        self._close_all([wsgi.pool], timeout)
         self._wsgi = None
         self.status = "stopped"
         self._stopped.set()
         gevent.sleep(0)  # let the on_close greenlets that were just scheduled run
+
+    def _close_all(self, pools: list, timeout: float, tick: Optional[Callable[[], Any]] = None) -> None:
+        """The graceful part of ``stop()``, shared with the gunicorn worker.
+
+        The listening sockets are already closed. Close every channel (WebSockets
+        with 1001, HTTP channels end their response), then wait up to ``timeout``
+        for the handlers in ``pools`` and for WebSocket close handshakes, then cut
+        what is left. ``tick()`` runs about once a second while waiting (gunicorn's
+        worker must keep telling its master that it is alive).
+        """
+        for channel in list(self._channels):
+            channel._transport.shutdown()
+        for handler in list(self._handlers):
+            if handler._idle:  # an idle keep-alive connection: nothing to wait for
+                handler._greenlet.kill(block=False)
+        deadline = time.monotonic() + timeout
+        for pool in pools:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or pool.join(timeout=min(left, 1.0)):
+                    break
+                if tick is not None:
+                    tick()
+        # Handlers that returned may leave WebSockets in their close handshake:
+        # let the clients answer the 1001, within the same deadline.
+        while self._channels and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        for channel in list(self._channels):
+            channel._transport.abort()
+        for pool in pools:
+            pool.kill(block=True, timeout=1)
 
     def __enter__(self) -> "Server":
         return self.start()
