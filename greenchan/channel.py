@@ -267,8 +267,11 @@ class Channel:
     def on_close(self, fn: Callable[[CloseStatus], Any]) -> Callable[[CloseStatus], Any]:
         """Call ``fn(status)`` once, after the last ``on_receive``; at once if closed."""
         self._on_close = fn
-        if self._state is CLOSED and not self._on_close_pending and not self._dispatching:
-            self._call(fn, self.close_status)
+        if self._state is CLOSED and not self._on_close_pending:
+            if self._dispatching:  # after the messages still being delivered
+                self._on_close_pending = True
+            else:
+                self._call(fn, self.close_status)
         return fn
 
     def on_ping(self, fn: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -387,8 +390,8 @@ class Channel:
             self._run_on_close()
 
     def _run_on_close(self) -> None:
-        if not self._on_close_pending:
-            return
+        if not self._on_close_pending or self._dispatching:
+            return  # not due, or the dispatcher will run it after the last message
         self._on_close_pending = False
         if self._on_close is not None:
             self._call(self._on_close, self.close_status)

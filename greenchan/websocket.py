@@ -173,7 +173,7 @@ class WebSocketTransport:
         if buffered:
             self._on_data(buffered)
 
-    def reject(self, status: int, body: Any, headers: Optional[Dict[str, str]]) -> None:
+    def reject(self, status: int, body: Any, headers: Optional[Dict[str, str]], why: CloseStatus = CloseStatus.SERVER_CLOSE) -> None:
         """Answer plain HTTP before the handshake, and close."""
         self.started = True
         self.handler.environ[RESPONDED_KEY] = "close"
@@ -181,7 +181,7 @@ class WebSocketTransport:
             self.handler.socket.sendall(http_response(status, headers, body, close=True))
         except OSError:
             pass
-        self.channel._finish(CloseStatus.SERVER_CLOSE)
+        self.channel._finish(why)
         self.server._unregister(self.channel)
 
     # -- inbound ---------------------------------------------------------------
@@ -318,7 +318,7 @@ class WebSocketTransport:
         """Start the close handshake (or answer 500 if it never opened)."""
         if not self.started:
             if status is CloseStatus.INTERNAL_ERROR:
-                self.reject(500, "Internal Server Error\n", None)
+                self.reject(500, "Internal Server Error\n", None, status)
                 return
             self.accept_now()
         self.channel._finish(status, code, reason)
