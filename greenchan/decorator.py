@@ -45,7 +45,9 @@ def with_channel(handler: Optional[Handler] = None, **options: Any) -> Any:
         if len(args) == 2 and not kwargs and isinstance(args[0], dict) and "wsgi.version" in args[0]:
             return _serve(args[0], args[1], handler, (), {}, options)
         environ = _framework_environ()
-        _serve(environ, None, handler, args, kwargs, options)
+        result = _serve(environ, None, handler, args, kwargs, options)
+        if callable(result):  # under a foreign server: a WSGI app, which Flask runs
+            return result
         return ""  # the channel wrote the response; greenchan's server drops this one
 
     app.greenchan_handler = handler  # type: ignore[attr-defined]
@@ -73,7 +75,7 @@ def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, 
     server = environ.get(SERVER_KEY)
     pywsgi_handler = environ.get(HANDLER_KEY)
     if server is None or pywsgi_handler is None:
-        return _unsupported(environ, start_response)
+        return _unsupported(environ, start_response, handler, args, kwargs, route_options)
     options = server.options.replace(**route_options)
     if wants_upgrade(environ):
         if not origin_allowed(environ, options.origins):
@@ -127,7 +129,16 @@ def _respond(environ: dict, start_response: Optional[Callable], status: int, bod
     return []
 
 
-def _unsupported(environ: dict, start_response: Optional[Callable]) -> Iterable[bytes]:
+def _unsupported(environ: dict, start_response: Optional[Callable], handler: Handler, args: tuple, kwargs: dict, route_options: dict) -> Any:
+    """Not greenchan's server: gevent-websocket's ws, or a WSGI response iterator
+    (see geventwebsocket.py); a Bottle route has no way to return one."""
+    flask = sys.modules.get("flask")
+    if start_response is not None or environ.get("wsgi.websocket") is not None or (
+        flask is not None and flask.has_request_context()
+    ):
+        from .geventwebsocket import serve_foreign
+
+        return serve_foreign(environ, start_response, handler, args, kwargs, route_options)
     software = environ.get("SERVER_SOFTWARE", "an unknown WSGI server")
     message = (
         "greenchan channels need greenchan's server (greenchan.Server, the greenchan "
