@@ -40,6 +40,7 @@ gevent monkey-patching
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -529,8 +530,12 @@ class RedisChannelStore(_Groups):
 
     def _read(self, conn: Any) -> None:
         """Read the subscriber connection until it fails."""
+        # RESP3 (redis-py 5's option, 8's default) delivers pub/sub replies as
+        # push messages, which read_response swallows unless asked for them.
+        params = inspect.signature(conn.read_response).parameters
+        kwargs = {"push_request": True} if "push_request" in params else {}
         while True:
-            reply = conn.read_response()
+            reply = conn.read_response(**kwargs)
             if isinstance(reply, list) and reply:
                 kind = reply[0]
                 if kind == b"message":
