@@ -47,6 +47,29 @@ def proc_rss_kib(pid: int) -> int:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
+def machine_busy_s() -> float:
+    """CPU seconds all cores have spent busy since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / CLK_TCK
+
+
+def wait_quiet(max_wait: float = 30.0, busy_limit: float = 0.25) -> float:
+    """Wait (at most max_wait s) until other work uses under busy_limit of a core.
+
+    This machine is shared: a test suite running beside a benchmark takes a core
+    from it. Returns the busy fraction of the last half-second sample.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, t0 = machine_busy_s(), time.monotonic()
+        time.sleep(0.5)
+        busy = (machine_busy_s() - b0) / (time.monotonic() - t0)
+        if busy < busy_limit or time.monotonic() >= deadline:
+            return busy
+
+
 def _kill_group(p: subprocess.Popen) -> None:
     if p.poll() is not None:
         return
@@ -69,6 +92,7 @@ class Server:
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self.note = ""   # what the server says it could not do as asked
         self.stderr_path = Path(f"/tmp/greenchan-bench-{os.getpid()}-{script}.err")
 
     def __enter__(self) -> "Server":
@@ -81,6 +105,7 @@ class Server:
             if not line or not line.startswith("READY "):
                 raise BenchError(f"server did not start: {line!r}; stderr: {self.stderr_tail()}")
             self.port = int(line.split()[1])
+            self.note = line.split("note=", 1)[1] if "note=" in line else ""
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -92,6 +117,10 @@ class Server:
             _kill_group(self.proc)
             if self.proc.stdout:
                 self.proc.stdout.close()
+        try:
+            self.stderr_path.unlink()
+        except OSError:
+            pass
 
     @property
     def pid(self) -> int:
@@ -161,6 +190,7 @@ def run_client(server: Server, mode: str, timeout: float, **params) -> dict:
                 break
             if line == "START":
                 marks["cpu0"], marks["t0"] = server.cpu_s(), time.monotonic()
+                marks["busy0"] = machine_busy_s()
             elif line.startswith("WARM "):
                 time.sleep(1.0)
                 marks["rss0"] = server.rss_kib()
@@ -177,6 +207,10 @@ def run_client(server: Server, mode: str, timeout: float, **params) -> dict:
                     wall = time.monotonic() - marks["t0"]
                     result["server_cpu_s"] = cpu
                     result["server_cpu_pct"] = 100 * cpu / wall if wall > 0 else None
+                    # What neither the server nor the client used: other work on the
+                    # machine during the window, in % of one core. High means noise.
+                    other = machine_busy_s() - marks["busy0"] - cpu - result.get("client_cpu_s", 0)
+                    result["other_cpu_pct"] = max(0.0, 100 * other / wall) if wall > 0 else None
                 result["loadavg_1m"] = load
                 if "rss1" in marks:
                     result["rss0_kib"], result["rss1_kib"] = marks["rss0"], marks["rss1"]

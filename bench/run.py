@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import BENCH, BenchError, Server, check_node, run_client, use_bench_venv, versions
+from harness import (BENCH, BenchError, Server, check_node, run_client, use_bench_venv, versions,
+                     wait_quiet)
 
 
 @dataclass
@@ -177,21 +178,36 @@ def run_all(o) -> dict:
                 continue
             key = f"{w.name} / {peer.name}"
             t0 = time.monotonic()
-            try:
-                with Server(peer.script) as srv:
-                    r = w.run(peer, srv, o)
-                r["value"] = value_of(w, r)
-                r["client_bound"] = (r.get("client_cpu_pct") or 0) >= 90
-            except BenchError as exc:
-                r = {"error": str(exc)[:2000]}
-            except Exception as exc:   # one broken server must not stop the suite
-                r = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            best = None
+            for attempt in range(o.repeat):
+                busy_before = wait_quiet(o.quiet_wait)
+                try:
+                    with Server(peer.script) as srv:
+                        r = w.run(peer, srv, o)
+                        if srv.note and w.name.startswith("fanout"):
+                            r["note"] = srv.note
+                    r["value"] = value_of(w, r)
+                    r["client_bound"] = (r.get("client_cpu_pct") or 0) >= 90
+                    r["busy_before"] = busy_before
+                except BenchError as exc:
+                    r = {"error": str(exc)[:2000]}
+                except Exception as exc:   # one broken server must not stop the suite
+                    r = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                # Best of the repeats: noise on a shared machine only ever makes a
+                # figure worse.
+                if best is None or "error" in best or (
+                        "value" in r and (r["value"] > best["value"]) == w.higher_is_better):
+                    best = r
+                if "error" in r:
+                    break
+            r = best
             r["seconds"] = round(time.monotonic() - t0, 1)
             results.setdefault(w.name, {})[peer.name] = r
             shown = fmt(r.get("value"), w.unit) + " " + w.unit if "value" in r else "ERROR " + r["error"][:300]
             extra = ""
             if "server_cpu_pct" in r:
-                extra = f"  (server {r['server_cpu_pct']:.0f}% cpu, client {r.get('client_cpu_pct', 0):.0f}% cpu)"
+                extra = (f"  (server {r['server_cpu_pct']:.0f}% cpu, client {r.get('client_cpu_pct', 0):.0f}%,"
+                         f" other {r.get('other_cpu_pct') or 0:.0f}%)")
             print(f"{key:45s} {shown}{extra}  [{r['seconds']}s]", flush=True)
     print(f"total {time.monotonic() - t_start:.0f}s", flush=True)
     return results
@@ -256,8 +272,11 @@ def markdown(results: dict, o, info: dict) -> str:
     out.append("")
     out.append("## Every run")
     out.append("")
-    out.append("| workload | server | figure | p50 ms | p99 ms | server CPU % | client CPU % | note |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---|")
+    out.append("CPU in % of one core over the measured window; *other* is what the rest of the "
+               "machine used meanwhile (high means a noisy figure).")
+    out.append("")
+    out.append("| workload | server | figure | p50 ms | p99 ms | server CPU % | client CPU % | other CPU % | note |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for w in ws:
         for n in cols:
             r = results[w.name].get(n)
@@ -265,17 +284,17 @@ def markdown(results: dict, o, info: dict) -> str:
                 continue
             if "error" in r:
                 err = r["error"].replace("|", "/").replace("\n", " ")[:300]
-                out.append(f"| {w.name} | {n} | error | | | | | {err} |")
+                out.append(f"| {w.name} | {n} | error | | | | | | {err} |")
                 continue
             note = r.get("note", "")
             if w.name.startswith("idle"):
                 note = f"{r['opened']} conns, RSS {r['rss0_kib']} → {r['rss1_kib']} KiB"
             if w.name.startswith("fanout"):
-                note = f"{r['rounds']} rounds, {r['lost']} lost"
+                note = f"{r['rounds']} rounds, {r['lost']} lost" + (f"; {r['note']}" if r.get("note") else "")
             pct = lambda k: f"{r[k]:.0f}" if r.get(k) is not None else ""  # noqa: E731
             out.append(f"| {w.name} | {n} | {fmt(r.get('value'), w.unit)} {w.unit} | "
                        f"{fmt(r.get('p50_ms'), 'ms')} | {fmt(r.get('p99_ms'), 'ms')} | "
-                       f"{pct('server_cpu_pct')} | {pct('client_cpu_pct')} | {note} |")
+                       f"{pct('server_cpu_pct')} | {pct('client_cpu_pct')} | {pct('other_cpu_pct')} | {note} |")
     out.append("")
     out.append("## Versions")
     out.append("")
@@ -321,6 +340,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="short windows and fewer rounds")
     ap.add_argument("--duration", type=float, help="seconds measured per throughput figure")
     ap.add_argument("--idle-conns", type=int, help="idle connections for the memory figures")
+    ap.add_argument("--repeat", type=int, default=1, help="run each figure N times, keep the best")
+    ap.add_argument("--quiet-wait", type=float, default=20.0,
+                    help="seconds to wait before each run for other work on the machine to stop")
     ap.add_argument("--ws-lib", action="store_true",
                     help="drive WebSocket echo with the ws library instead of the lean raw-frame client")
     ap.add_argument("--out", default=str(BENCH), help="where results.md and results.json go")

@@ -2,6 +2,9 @@
 
     python greenchan_server.py PORT [REDIS_URL]
 
+With REDIS_URL the group lives in a RedisChannelStore (and the process is
+monkey-patched, as that store needs); without, in a MemoryChannelStore.
+
 Routes (one handler each, plain WSGI dispatch on PATH_INFO):
   /echo    WebSocket echo
   /sub     joins the group "all" (WebSocket subscriber; stays idle)
@@ -13,9 +16,40 @@ Routes (one handler each, plain WSGI dispatch on PATH_INFO):
 
 import sys
 
-from greenchan import MemoryChannelStore, RedisChannelStore, Server, with_channel
+if len(sys.argv) > 2:
+    # redis-py uses blocking sockets; RedisChannelStore needs them patched.
+    from gevent import monkey
 
-store = RedisChannelStore(sys.argv[2]) if len(sys.argv) > 2 else MemoryChannelStore()
+    monkey.patch_all()
+
+from greenchan import Server, with_channel  # noqa: E402
+
+NOTE = ""
+try:
+    from greenchan import MemoryChannelStore, RedisChannelStore
+except ImportError:   # the stores may not have landed yet: a set and a loop stand in
+    NOTE = "no MemoryChannelStore in greenchan: a set-and-loop stand-in broadcast"
+
+    class MemoryChannelStore:
+        def __init__(self):
+            self.groups = {}
+
+        def add_to_group(self, group, ch):
+            self.groups.setdefault(group, set()).add(ch)
+            ch.on_close(lambda status: self.groups[group].discard(ch))
+
+        def broadcast(self, group, message):
+            for ch in list(self.groups.get(group, ())):
+                ch.send(message)
+
+    RedisChannelStore = None
+
+if len(sys.argv) > 2:
+    if RedisChannelStore is None:
+        sys.exit("greenchan has no RedisChannelStore yet")
+    store = RedisChannelStore(sys.argv[2])
+else:
+    store = MemoryChannelStore()
 held = set()
 
 
@@ -66,5 +100,5 @@ def app(environ, start_response):
 
 if __name__ == "__main__":
     server = Server(app, host="127.0.0.1", port=int(sys.argv[1]), compression=None).start()
-    print(f"READY {server.port}", flush=True)
+    print(f"READY {server.port}" + (f" note={NOTE}" if NOTE else ""), flush=True)
     server.serve_forever()
