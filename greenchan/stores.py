@@ -290,7 +290,8 @@ class RedisChannelStore(_Groups):
 
     Needs gevent monkey-patching (see the module docstring). Options:
     ``prefix`` namespaces the Redis channels; ``render`` as for
-    ``MemoryChannelStore``, applied in each process; ``socket_timeout`` bounds
+    ``MemoryChannelStore``, applied in each process, in the reader greenlet
+    (so it must not block: it holds up every delivery); ``socket_timeout`` bounds
     a ``PUBLISH`` and each connection attempt; ``subscribe_timeout`` bounds how
     long ``add_to_group`` waits for Redis to confirm a new subscription.
     """
