@@ -32,7 +32,7 @@ def test_unknown_server_option_is_type_error():
 def test_outside_greenchan_server_says_what_to_use():
     from wsgiref.util import setup_testing_defaults
 
-    environ = {}
+    environ = {"HTTP_UPGRADE": "websocket", "HTTP_CONNECTION": "Upgrade"}
     setup_testing_defaults(environ)
     statuses = []
     body = with_channel(lambda ch: None)(environ, lambda status, headers: statuses.append(status))
