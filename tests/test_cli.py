@@ -1,0 +1,107 @@
+"""The command line, as a real process: ``greenchan MODULE:APP`` and ``python -m greenchan``."""
+import os
+import signal
+import subprocess
+import sys
+
+import gevent
+import pytest
+import requests
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "apps"))
+from deploy_client import (  # noqa: E402
+    APPS, close_code, connect, free_port, kill, log_lines, read_output, wait_opened, wait_serving,
+)
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "greenchan")
+COMMANDS = {"script": [SCRIPT], "module": [sys.executable, "-m", "greenchan"]}
+
+
+def run(*args, command="script"):
+    return subprocess.run([*COMMANDS[command], *args], cwd=APPS, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    procs = []
+
+    def start(*args, command="script", env=None):
+        port = free_port()
+        log = str(tmp_path / f"channels-{port}.log")
+        environ = dict(os.environ, DEPLOY_LOG=log, **(env or {}))
+        proc = subprocess.Popen([*COMMANDS[command], *args, "--port", str(port)], cwd=APPS, env=environ,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        procs.append(proc)
+        wait_serving(port, proc)
+        return proc, port, log
+
+    yield start
+    for proc in procs:
+        kill(proc)
+
+
+@pytest.mark.parametrize("command", ["script", "module"])
+def test_help(command):
+    result = run("--help", command=command)
+    assert result.returncode == 0
+    for text in ("MODULE:APP", "--ping-interval", "--origins", "examples:", "GREENCHAN_", "greenchan.gunicorn.Worker"):
+        assert text in result.stdout
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_such_module:app", "no module named 'no_such_module'"),
+    ("deploy_app:nope", "module 'deploy_app' has no attribute 'nope'"),
+    ("deploy_app:not_callable", "not a WSGI application"),
+    (":app", "names no module"),
+])
+def test_bad_app_is_one_line_exit_2(spec, message):
+    result = run(spec)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("greenchan: error:") and message in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("flag", [["--ping-interval", "soon"], ["--max-body", "12 parsecs"], ["--compression", "zip"]])
+def test_bad_option_is_one_line_exit_2(flag):
+    result = run("deploy_app", *flag)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("sig, command", [(signal.SIGTERM, "script"), (signal.SIGINT, "module")])
+def test_signal_stops_gracefully(cli, sig, command):
+    proc, port, log = cli("deploy_app:app", command=command)
+    sockets = [connect(port) for _ in range(3)]
+    for ws in sockets:
+        ws.send("ping?")
+        assert ws.recv() == "ping?"
+    poll = gevent.spawn(requests.get, f"http://127.0.0.1:{port}/echo", timeout=30)
+    wait_opened(log, 4)
+
+    proc.send_signal(sig)
+
+    assert [close_code(ws) for ws in sockets] == [1001] * 3
+    assert poll.get(timeout=30).status_code == 204
+    assert proc.wait(timeout=30) == 0, read_output(proc)
+    closes = log_lines(log, "close")
+    assert sum(1 for c in closes if c[1] == "/echo" and c[3] == "1001") == 3
+    assert len(closes) == 5  # 3 WebSockets, the long-poll, the /pid probe
+
+
+def test_module_alone_means_app_and_flags_apply(cli):
+    proc, port, log = cli("deploy_app", "--max-body", "1KiB", "--origins", "https://a.example,https://b.example")
+    assert requests.post(f"http://127.0.0.1:{port}/echo", data="x" * 1025, timeout=10).status_code == 413
+    assert requests.post(f"http://127.0.0.1:{port}/echo", data="x" * 1024, timeout=10).status_code == 200
+    import websocket
+
+    ws = websocket.create_connection(f"ws://127.0.0.1:{port}/echo", origin="https://b.example", timeout=10)
+    ws.close()
+    with pytest.raises(websocket.WebSocketBadStatusException):
+        websocket.create_connection(f"ws://127.0.0.1:{port}/echo", origin="https://c.example", timeout=10)
+
+
+def test_environment_sets_options_flags_win(cli):
+    proc, port, log = cli("deploy_app:application", "--max-body", "20", env={"GREENCHAN_MAX_BODY": "5"})
+    assert requests.post(f"http://127.0.0.1:{port}/echo", data="x" * 20, timeout=10).status_code == 200
+    assert requests.post(f"http://127.0.0.1:{port}/echo", data="x" * 21, timeout=10).status_code == 413
