@@ -38,17 +38,18 @@ from gevent.timeout import Timeout
 from .channel import Channel, CloseStatus, Event
 from .http import body_message, read_body
 from .options import DEFAULTS, Options
+from .server import UPGRADE_KEY
 from .websocket import origin_allowed, wants_upgrade
 from .wire import has_header, header_items, reason, to_bytes
 
-__all__ = ["GeventWebSocketTransport", "WsgiTransport", "serve_foreign"]
+__all__ = ["GeventWebSocketTransport", "WsgiTransport", "flask_compatible", "serve_foreign"]
 
 log = logging.getLogger("greenchan.geventwebsocket")
 
 # Over this multiple of ``send_buffer`` a client is cut off at once, as in connection.py.
 HARD_LIMIT_FACTOR = 2
 
-_OPCODE_PING, _OPCODE_PONG = 0x9, 0xA
+_OPCODE_CLOSE, _OPCODE_PING, _OPCODE_PONG = 0x8, 0x9, 0xA
 _NOT_GIVEN: Any = object()
 
 UPGRADE_FIX = (
@@ -56,6 +57,23 @@ UPGRADE_FIX = (
     "or its gunicorn worker (gunicorn -k greenchan.gunicorn.Worker), or gevent-websocket's "
     "WebSocketHandler; this request came through {software}"
 )
+
+
+def flask_compatible(app: Callable) -> Callable:
+    """Wrap a WSGI app served by gevent-websocket so Werkzeug routes upgrades to plain routes.
+
+    Werkzeug's router answers 400 to a WebSocket on a route not marked
+    ``websocket=True``; greenchan's server hides the Upgrade header from it, and this
+    middleware does the same under gevent-websocket: ``app.wsgi_app =
+    flask_compatible(app.wsgi_app)``.
+    """
+
+    def wrapped(environ: dict, start_response: Callable) -> Any:
+        if environ.get("wsgi.websocket") is not None and "HTTP_UPGRADE" in environ:
+            environ[UPGRADE_KEY] = environ.pop("HTTP_UPGRADE")
+        return app(environ, start_response)
+
+    return wrapped
 
 
 def serve_foreign(
@@ -78,7 +96,7 @@ def serve_foreign(
         return _plain(start_response, 500, message + "\n")
     # The client's socket, for the hang-up watch: gunicorn names it, pywsgi's
     # input keeps it (looked up before the body replaces the input).
-    sock = environ.get("gunicorn.socket") or environ.get("gunicorn.sock") or getattr(environ.get("wsgi.input"), "socket", None)
+    sock = environ.get("gunicorn.socket") or environ.get("gunicorn.sock") or _pywsgi_socket(environ.get("wsgi.input"))
     body = read_body(environ, options.max_body)
     if body is None:
         return _plain(start_response, 413, "Request body too large\n")
@@ -103,6 +121,15 @@ def serve_foreign(
     return transport.iterate(start_response)
 
 
+def _pywsgi_socket(wsgi_input: Any) -> Any:
+    """The client socket behind gevent.pywsgi's ``Input`` (its rfile wraps a SocketIO)."""
+    sock = getattr(wsgi_input, "socket", None)
+    if sock is None:
+        raw = getattr(getattr(wsgi_input, "rfile", None), "raw", None)
+        sock = getattr(raw, "_sock", None)
+    return sock
+
+
 def _plain(start_response: Optional[Callable], status: int, body: str) -> Any:
     data = body.encode()
     headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))]
@@ -121,9 +148,10 @@ def _serve_websocket(environ: dict, ws: Any, handler: Callable, args: tuple, kwa
         # gevent-websocket already sent the 101: a close is all that is left.
         log.warning("refused WebSocket from origin %r", environ.get("HTTP_ORIGIN"))
         try:
-            ws.close(1008, b"Origin not allowed")
+            _send_close(ws, 1008, b"Origin not allowed")
         except Exception:
             pass
+        ws.closed = True
         return []
     transport = GeventWebSocketTransport(ws, options)
     channel = Channel(environ, transport, True, options.max_queue)
@@ -290,8 +318,7 @@ class GeventWebSocketTransport:
                         if kind == "text" or kind == "binary":
                             ws.send(payload, binary=(kind == "binary"))
                         elif kind == "close":
-                            code, text = payload
-                            ws.close(code, text)
+                            _send_close(ws, *payload)
                         else:
                             ws.send_frame(payload, _OPCODE_PING if kind == "ping" else _OPCODE_PONG)
                 except Timeout:
@@ -371,6 +398,14 @@ class GeventWebSocketTransport:
             deadline.close()
         if self._keepalive is not None:
             self._keepalive.kill(block=False)
+        # The close handshake is done (or abandoned): stop gevent-websocket from
+        # sending a close of its own when the application returns.
+        self.ws.closed = True
+
+
+def _send_close(ws: Any, code: int, reason: bytes) -> None:
+    """Write a close frame: gevent-websocket 0.10's ``close()`` drops the code."""
+    ws.send_frame(struct.pack("!H", code) + reason, _OPCODE_CLOSE)
 
 
 _ADAPTED: Dict[type, type] = {}
