@@ -22,6 +22,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from .channel import Channel, CloseStatus, Event
+from . import frames
 from .connection import Connection
 from .options import Options
 from .server import UPGRADE_KEY, RESPONDED_KEY
@@ -106,6 +107,7 @@ class WebSocketTransport:
         "_ping_timer",
         "_pong_timer",
         "_close_timer",
+        "_fast",
     )
 
     def __init__(self, environ: dict, handler: Any, server: Any, options: Options) -> None:
@@ -128,6 +130,8 @@ class WebSocketTransport:
         self._ping_timer: Any = None
         self._pong_timer: Any = None
         self._close_timer: Any = None
+        # No extension negotiated: frames.py may parse and build data frames.
+        self._fast = False
         self.channel: Channel = None  # type: ignore[assignment]
 
     @property
@@ -165,6 +169,7 @@ class WebSocketTransport:
         conn.on_slow = self._slow
         conn.on_closed = self._closed
         conn.write(handshake, wait=False)
+        self._fast = not protocol.extensions
         self.channel._opened()
         conn.start_reading(self._on_data)
         if self.options.ping_interval:
@@ -188,6 +193,22 @@ class WebSocketTransport:
 
     def _on_data(self, data: bytes) -> None:
         protocol = self.protocol
+        if self._fast and data and not protocol.reader.buffer and protocol.current_size is None:
+            # The common case, without the engine: see frames.py.
+            messages, used = frames.parse_complete(data, self.options.max_message_size)
+            for is_text, payload in messages:
+                if is_text:
+                    try:
+                        self._deliver(payload.decode())
+                    except UnicodeDecodeError as exc:
+                        self._invalid_utf8(exc)
+                        self._write_pending()
+                        return
+                else:
+                    self._deliver(payload)
+            if used == len(data):
+                return
+            data = data[used:]
         if data:
             protocol.receive_data(data)
         else:
@@ -266,11 +287,17 @@ class WebSocketTransport:
             data = data.get("body", b"")
         if isinstance(data, Event):
             data = data.data
-        if isinstance(data, str):
-            protocol.send_text(data.encode())
+        if self._fast:  # no extension: frame it here (frames.py)
+            if isinstance(data, str):
+                ok = self.conn.write(frames.encode(1, data.encode()), wait)
+            else:
+                ok = self.conn.write(frames.encode(2, bytes(data)), wait)
         else:
-            protocol.send_binary(data)
-        ok = self._write_pending(wait)
+            if isinstance(data, str):
+                protocol.send_text(data.encode())
+            else:
+                protocol.send_binary(data)
+            ok = self._write_pending(wait)
         if close:
             self.close(1000, "")
         return ok

@@ -1,0 +1,79 @@
+"""The fast path of frames.py against websockets' engine: same bytes, same result."""
+import os
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from websockets.frames import Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from greenchan import frames
+
+
+def client_frame(opcode, payload, fin=True, mask=True, rsv=0, key=b"\x01\x02\x03\x04"):
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head = struct.pack("!BB", first, bit | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", first, bit | 126, n)
+    else:
+        head = struct.pack("!BBQ", first, bit | 127, n)
+    if not mask:
+        return head + payload
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def engine(max_size):
+    protocol = ServerProtocol(max_size=max_size)
+    protocol.state = State.OPEN
+    protocol.parser = protocol.parse()
+    next(protocol.parser)
+    return protocol
+
+
+one_frame = st.builds(
+    client_frame,
+    opcode=st.sampled_from([0, 1, 2, 3, 8, 9, 10]),
+    payload=st.binary(max_size=300),
+    fin=st.booleans(),
+    mask=st.sampled_from([True, True, True, False]),
+    rsv=st.sampled_from([0, 0, 0, 1, 4]),
+    key=st.binary(min_size=4, max_size=4),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(one_frame, max_size=6), st.integers(min_value=0, max_value=40), st.sampled_from([None, 200, 1 << 20]))
+def test_fast_path_agrees_with_the_engine(chunks, cut, max_size):
+    data = b"".join(chunks)
+    data = data[: len(data) - cut] if cut < len(data) else data  # a split frame at the end
+    fast, used = frames.parse_complete(data, max_size)
+    protocol = engine(max_size)
+    protocol.receive_data(data[:used])
+    events = protocol.events_received()
+    assert protocol.parser_exc is None
+    assert [(e.opcode is Opcode.TEXT, bytes(e.data)) for e in events] == fast
+    assert all(e.fin for e in events)
+    # What the fast path leaves is exactly what the engine would see next.
+    rest = engine(max_size)
+    rest.receive_data(data)
+    assert [(e.opcode, bytes(e.data)) for e in rest.events_received()][: len(fast)] == [
+        (Opcode.TEXT if t else Opcode.BINARY, p) for t, p in fast
+    ]
+
+
+@given(st.binary(max_size=70000), st.sampled_from([1, 2, 9]))
+@settings(max_examples=50, deadline=None)
+def test_encode_matches_the_engine(payload, opcode):
+    from websockets.frames import Frame
+
+    expected = Frame(Opcode(opcode), payload).serialize(mask=False, extensions=[])
+    assert frames.encode(opcode, payload) == expected
+
+
+def test_random_bytes_never_crash_the_fast_path():
+    for _ in range(200):
+        frames.parse_complete(os.urandom(64), 1 << 20)
