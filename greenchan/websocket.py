@@ -324,6 +324,7 @@ class WebSocketTransport:
     def _keepalive(self) -> None:
         if self.protocol.state is not State.OPEN:
             return
+        self.channel._release_if_idle()
         if self._pong_timer is not None and self._pong_timer.active:
             return  # the previous ping is still waiting for its pong
         self.ping(b"")
