@@ -259,6 +259,12 @@ class Server:
         # let the clients answer the 1001, within the same deadline.
         while self._channels and time.monotonic() < deadline:
             gevent.sleep(0.05)
+        left = [handler for pool in pools for handler in pool]
+        if left or self._channels:
+            log.warning(
+                "stop: cutting %d handler(s) and %d channel(s) still open after %s s: %s",
+                len(left), len(self._channels), timeout, sorted(map(repr, self._channels))[:10],
+            )
         for channel in list(self._channels):
             channel._transport.abort()
         for pool in pools:
