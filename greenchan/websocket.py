@@ -9,7 +9,9 @@ layers: reassembling fragments, validating UTF-8, keepalive pings.
 from __future__ import annotations
 
 import codecs
+import io
 import logging
+import socket
 from typing import Any, Dict, List, Optional, Sequence
 from urllib.parse import urlsplit
 
@@ -25,7 +27,7 @@ from .channel import Channel, CloseStatus, Event
 from . import frames
 from .connection import Connection
 from .options import Options
-from .server import UPGRADE_KEY, RESPONDED_KEY
+from .server import HANDLER_KEY, RESPONDED_KEY, UPGRADE_KEY
 from .wire import http_response
 
 log = logging.getLogger("greenchan.websocket")
@@ -81,6 +83,19 @@ def _request(environ: dict) -> Request:
     return Request(path, headers)
 
 
+def _own(sock: Any) -> socket.socket:
+    """Take the file descriptor away from gevent's socket object.
+
+    pywsgi's server closes its socket object when the request's greenlet ends;
+    a detached object makes that close a no-op, and the WebSocket lives on in a
+    plain non-blocking socket driven by the hub (connection.py).
+    """
+    family, kind, proto = sock.family, sock.type, sock.proto
+    raw = socket.socket(family, kind, proto, fileno=sock.detach())
+    raw.setblocking(False)
+    return raw
+
+
 def _server_order(protocol: ServerProtocol, offered: Sequence[str]) -> Optional[str]:
     """The first of the server's subprotocols that the client offers, else none:
     a client that needs one then fails its own check, as browsers do."""
@@ -125,7 +140,9 @@ class WebSocketTransport:
         self.response: Response = protocol.accept(_request(environ))
         self.conn: Optional[Connection] = None
         self.started = False
-        self._parts: Optional[List[bytes]] = None
+        # One growing buffer, not a list of fragments: a flood of tiny or empty
+        # fragments costs memory by the byte (max_message_size), not per fragment.
+        self._parts: Optional[bytearray] = None
         self._decoder: Any = None
         self._ping_timer: Any = None
         self._pong_timer: Any = None
@@ -163,8 +180,15 @@ class WebSocketTransport:
         protocol.parser = protocol.parse()
         next(protocol.parser)
         handshake = b"".join(protocol.data_to_send())
-        buffered = self.handler.buffered_input()
-        sock = self.handler.detach()
+        handler = self.handler
+        buffered = handler.buffered_input()
+        sock = _own(handler.detach())
+        # pywsgi's handler, its read buffer and parsed headers are done with: an
+        # idle WebSocket should not keep them (kilobytes each, DESIGN.md's budget).
+        environ = handler.environ
+        environ.pop(HANDLER_KEY, None)
+        environ["wsgi.input"] = io.BytesIO()
+        self.handler = None
         self.conn = conn = Connection(sock, self.options.send_buffer, self.options.send_timeout)
         conn.on_slow = self._slow
         conn.on_closed = self._closed
@@ -246,10 +270,10 @@ class WebSocketTransport:
                         return
                 self._deliver(data)
                 return
-            self._parts = [data]
+            self._parts = bytearray(data)
             self._decoder = codecs.getincrementaldecoder("utf-8")() if frame.opcode is _TEXT else None
         else:
-            self._parts.append(data)
+            self._parts += data
         if self._decoder is not None:  # fail fast on invalid UTF-8 in a fragment
             try:
                 self._decoder.decode(data, frame.fin)
@@ -257,7 +281,7 @@ class WebSocketTransport:
                 self._invalid_utf8(exc)
                 return
         if frame.fin:
-            whole = b"".join(self._parts)
+            whole = bytes(self._parts)
             message = whole.decode() if self._decoder is not None else whole
             self._parts = self._decoder = None
             self._deliver(message)
@@ -324,7 +348,6 @@ class WebSocketTransport:
     def _keepalive(self) -> None:
         if self.protocol.state is not State.OPEN:
             return
-        self.channel._release_if_idle()
         if self._pong_timer is not None and self._pong_timer.active:
             return  # the previous ping is still waiting for its pong
         self.ping(b"")
