@@ -25,7 +25,7 @@ ENV_PREFIX = "GREENCHAN_"
 # Options whose text may say "none" (or 0 for durations) to turn them off.
 _NULLABLE = {"max_message_size", "ping_interval", "ping_timeout", "max_connections",
              "handshake_timeout", "origins", "subprotocols", "compression"}
-_SIZES = {"max_message_size", "send_buffer", "max_body"}
+_SIZES = {"max_message_size", "send_buffer", "max_body", "max_header_size"}
 _COUNTS = {"max_queue", "max_connections"}
 _SECONDS = {"send_timeout", "ping_interval", "ping_timeout", "handshake_timeout", "close_timeout"}
 _LISTS = {"origins", "subprotocols"}

@@ -44,6 +44,11 @@ class Options:
     max_connections: Optional[int] = None
     #: Larger request bodies get 413 and never reach the handler.
     max_body: int = 8 << 20
+    #: Request headers larger than this (all lines together; at most 100 lines)
+    #: get 431. 64 KiB holds the largest cookie sets browsers send (about 4 KiB
+    #: per cookie, a few dozen cookies) while bounding what one request can make
+    #: the server buffer.
+    max_header_size: int = 64 << 10
     #: A client must finish its request headers within this many seconds.
     handshake_timeout: Optional[float] = 10.0
     #: How long a server-initiated WebSocket close waits for the client's reply.

@@ -8,6 +8,8 @@ limit, and a registry of open channels so ``stop()`` can close each one.
 """
 from __future__ import annotations
 
+import email.parser
+import errno
 import logging
 import signal
 import socket
@@ -40,8 +42,38 @@ _UNAVAILABLE = (
 )
 
 
+_BAD_REQUEST = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 12\r\nConnection: close\r\n\r\nBad request\n"
+)
+_HEADERS_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 32\r\nConnection: close\r\n\r\nRequest header fields too large\n"
+)
+
+# At most this many request header lines, as http.client allows; past it
+# pywsgi printed a traceback, greenchan answers 431.
+MAX_HEADERS = 100
+
+# After an error response (400, 414, 431), how long and how much of the
+# client's unread input is discarded before the socket closes: closing with
+# unread input makes the kernel send a reset, which can destroy the response
+# before the client reads it. Bounded so that junk cannot hold a greenlet.
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 1 << 20
+
+# accept() errors that mean "out of descriptors or memory for now": the
+# accept loop pauses and retries instead of logging a traceback per attempt.
+_ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_ACCEPT_RETRY_MIN, _ACCEPT_RETRY_MAX = 0.05, 1.0
+
+
 class _HeaderDeadline(Timeout):
     """The client took longer than ``handshake_timeout`` to send its headers."""
+
+
+class _HeadersTooLarge(ValueError):
+    """The request headers passed ``max_header_size`` bytes or ``MAX_HEADERS`` lines."""
 
 
 class Handler(pywsgi.WSGIHandler):
@@ -84,6 +116,67 @@ class Handler(pywsgi.WSGIHandler):
         finally:
             self._idle = False
 
+    def read_request(self, raw_requestline: str) -> bool:
+        # pywsgi takes "GET /" as HTTP/0.9 and then waits for headers that an
+        # HTTP/0.9 client never sends; nothing speaks HTTP/0.9 any more: 400.
+        if len(raw_requestline.split()) == 2:
+            raise ValueError(f"HTTP/0.9 request line {raw_requestline.strip()[:100]!r}")
+        return super().read_request(raw_requestline)
+
+    def MessageClass(self, fp: Any, *args: Any) -> Any:
+        """Read the request headers within ``max_header_size`` and ``MAX_HEADERS``.
+
+        pywsgi (through ``http.client``) reads up to 100 lines of 64 KiB each, and
+        prints a traceback past 100 lines; the whole block is bounded here instead.
+        """
+        limit = self.server.greenchan.options.max_header_size
+        lines = []
+        size = 0
+        while True:
+            line = fp.readline(limit - size + 1)
+            size += len(line)
+            if size > limit:
+                raise _HeadersTooLarge(f"request headers larger than {limit} bytes")
+            if line in (b"\r\n", b"\n", b""):
+                break
+            lines.append(line)
+            if len(lines) > MAX_HEADERS:
+                raise _HeadersTooLarge(f"more than {MAX_HEADERS} request headers")
+        text = b"".join(lines).decode("iso-8859-1")
+        return email.parser.Parser(_class=pywsgi.OldMessage).parsestr(text)
+
+    def _handle_client_error(self, ex: Exception) -> tuple:
+        """A malformed request is the client's problem: answer it, log below ERROR."""
+        if isinstance(ex, _HeadersTooLarge):
+            log.info("431 to %s: %s", self.client_address, ex)
+            return ("431", _HEADERS_TOO_LARGE)
+        log.debug("400 to %s: %s", self.client_address, ex)
+        return ("400", _BAD_REQUEST)
+
+    def handle_one_request(self) -> Any:
+        result = super().handle_one_request()
+        if isinstance(result, tuple):  # an error response for a request we could not parse
+            self._cancel_deadline()
+            self.status = result[0]
+            self._answer_and_linger(result[1])
+            return None
+        return result
+
+    def _answer_and_linger(self, response: bytes) -> None:
+        sock = self.socket
+        try:
+            sock.sendall(response)
+            sock.shutdown(socket.SHUT_WR)
+            drained = 0
+            with Timeout(_LINGER_SECONDS, False):
+                while drained < _LINGER_BYTES:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    drained += len(data)
+        except OSError:
+            pass
+
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
@@ -115,6 +208,11 @@ class Handler(pywsgi.WSGIHandler):
                 close()
         if env.get(RESPONDED_KEY):
             self.close_connection = self.close_connection or env[RESPONDED_KEY] == "close"
+        if self.close_connection:
+            # pywsgi would now read and discard the rest of the request body, with
+            # no limit and no deadline (a 413 for "Content-Length: 10**20" would
+            # wait for all of it); the connection closes, so there is no need.
+            self.wsgi_input = _NO_INPUT
 
     def detach(self) -> Any:
         """Give up the socket: pywsgi will neither read nor close it again."""
@@ -149,9 +247,63 @@ class Handler(pywsgi.WSGIHandler):
             log.debug("%s", self.format_request())
 
 
+class _NoInput:
+    """Stands for the request body once the connection is closing: nothing to discard."""
+
+    def _discard(self) -> None:
+        pass
+
+
+_NO_INPUT = _NoInput()
+
+
 class _WSGIServer(pywsgi.WSGIServer):
     handler_class = Handler
     greenchan: "Server"
+    # Set while accept() fails for want of descriptors: the pause before retrying.
+    _accept_retry: Optional[float] = None
+    _retry_timer: Any = None
+
+    def do_read(self) -> Any:
+        """Accept one connection; on EMFILE and kin, pause accepting and retry.
+
+        gevent would log a traceback for every failed accept(); running out of
+        file descriptors is an overload, not a bug: warn once, back off (the
+        clients wait in the listen backlog), and say when accepting resumes.
+        """
+        try:
+            args = super().do_read()
+        except OSError as exc:
+            if exc.errno not in _ACCEPT_EXHAUSTED:
+                raise
+            self._pause_accepting(exc)
+            return None
+        if args and self._accept_retry is not None:
+            self._accept_retry = None
+            log.warning("accepting connections again")
+        return args
+
+    def _pause_accepting(self, exc: OSError) -> None:
+        if self._accept_retry is None:
+            self._accept_retry = _ACCEPT_RETRY_MIN
+            log.warning("cannot accept connections (%s): retrying until descriptors free up", exc.strerror)
+        else:
+            self._accept_retry = min(_ACCEPT_RETRY_MAX, self._accept_retry * 2)
+        self.stop_accepting()
+        self._retry_timer = self.loop.timer(self._accept_retry)
+        self._retry_timer.start(self._retry_accepting)
+
+    def _retry_accepting(self) -> None:
+        self._retry_timer = None
+        if self.started and not self.closed:
+            self.start_accepting()
+
+    def stop_accepting(self) -> None:
+        super().stop_accepting()
+        if self._retry_timer is not None:
+            self._retry_timer.stop()
+            self._retry_timer.close()
+            self._retry_timer = None
 
 
 class Server:
