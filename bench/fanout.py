@@ -140,6 +140,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")   # unwind through the cleanups
+
+
 if __name__ == "__main__":
     use_bench_venv()
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     sys.exit(main())

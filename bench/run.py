@@ -150,6 +150,26 @@ def value_of(w: Workload, r: dict) -> float | None:
     return r["rate"]
 
 
+def per_cpu_of(w: Workload, r: dict) -> float | None:
+    """The headline figure per second of server CPU: robust when other work on the
+    machine takes part of the server's core (the wall-clock figure drops, this does not).
+    For fan-out it is the server CPU spent per broadcast, in ms (lower is better)."""
+    cpu = r.get("server_cpu_s")
+    if not cpu:
+        return None
+    if w.name.startswith("fanout"):
+        n = (r.get("rounds") or 0) + (r.get("lost") or 0)
+        return 1000 * cpu / n if n else None
+    if w.name == "echo-256k":
+        return r["mb_per_s"] * r["elapsed_s"] / cpu
+    if w.name.startswith("echo") or w.name in ("poll", "stream"):
+        return r["messages"] / cpu
+    return None
+
+
+PER_CPU_UNIT = {"msg/s": "msg/CPU-s", "MB/s": "MB/CPU-s", "req/s": "req/CPU-s", "ms": "CPU-ms/broadcast"}
+
+
 def fmt(v: float | None, unit: str) -> str:
     if v is None:
         return "–"
@@ -187,6 +207,7 @@ def run_all(o) -> dict:
                         if srv.note and w.name.startswith("fanout"):
                             r["note"] = srv.note
                     r["value"] = value_of(w, r)
+                    r["per_cpu"] = per_cpu_of(w, r)
                     r["client_bound"] = (r.get("client_cpu_pct") or 0) >= 90
                     r["busy_before"] = busy_before
                 except BenchError as exc:
@@ -270,13 +291,45 @@ def markdown(results: dict, o, info: dict) -> str:
                 best = a if best is None else min(best, a)
         out.append(f"| {w.title} | {w.target} | " + " | ".join(cells) + f" | {verdict(w, gc, best, results)} |")
     out.append("")
+    out.append("## The same, per second of server CPU")
+    out.append("")
+    out.append("Throughput divided by the server's CPU seconds (fan-out: server CPU ms per broadcast). "
+               "When other work on this shared machine takes part of the server's core, the figures "
+               "above drop and these do not: if the *other CPU %* column below is high, trust these.")
+    out.append("")
+    out.append("| workload | unit | " + " | ".join(cols) + " |")
+    out.append("|---|---|" + "---:|" * len(cols))
+    for w in ws:
+        if w.name.startswith("idle"):
+            continue
+        unit = PER_CPU_UNIT.get(w.unit, "")
+        vals = []
+        for n in cols:
+            r = results[w.name].get(n)
+            v = r.get("per_cpu") if r else None
+            vals.append("" if r is None else ("error" if "error" in r else fmt(v, "ms" if w.unit == "ms" else "msg/s")))
+        out.append(f"| {w.title} | {unit} | " + " | ".join(vals) + " |")
+    out.append("")
+    out.append("| workload (per CPU) | " + " | ".join(peers) + " |")
+    out.append("|---|" + "---:|" * len(peers))
+    for w in ws:
+        if w.name.startswith("idle"):
+            continue
+        row = results[w.name]
+        gc = row.get("greenchan", {}).get("per_cpu")
+        cells = []
+        for n in peers:
+            a = advantage(w, gc, row.get(n, {}).get("per_cpu"))
+            cells.append("" if n not in row else (f"{a:.2f}x" if a else "–"))
+        out.append(f"| {w.title} | " + " | ".join(cells) + " |")
+    out.append("")
     out.append("## Every run")
     out.append("")
     out.append("CPU in % of one core over the measured window; *other* is what the rest of the "
                "machine used meanwhile (high means a noisy figure).")
     out.append("")
-    out.append("| workload | server | figure | p50 ms | p99 ms | server CPU % | client CPU % | other CPU % | note |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    out.append("| workload | server | figure | per CPU | p50 ms | p99 ms | server CPU % | client CPU % | other CPU % | note |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for w in ws:
         for n in cols:
             r = results[w.name].get(n)
@@ -284,7 +337,7 @@ def markdown(results: dict, o, info: dict) -> str:
                 continue
             if "error" in r:
                 err = r["error"].replace("|", "/").replace("\n", " ")[:300]
-                out.append(f"| {w.name} | {n} | error | | | | | | {err} |")
+                out.append(f"| {w.name} | {n} | error | | | | | | | {err} |")
                 continue
             note = r.get("note", "")
             if w.name.startswith("idle"):
@@ -292,7 +345,9 @@ def markdown(results: dict, o, info: dict) -> str:
             if w.name.startswith("fanout"):
                 note = f"{r['rounds']} rounds, {r['lost']} lost" + (f"; {r['note']}" if r.get("note") else "")
             pct = lambda k: f"{r[k]:.0f}" if r.get(k) is not None else ""  # noqa: E731
-            out.append(f"| {w.name} | {n} | {fmt(r.get('value'), w.unit)} {w.unit} | "
+            pc = r.get("per_cpu")
+            pcs = f"{fmt(pc, 'ms' if w.unit == 'ms' else 'msg/s')} {PER_CPU_UNIT.get(w.unit, '')}" if pc else ""
+            out.append(f"| {w.name} | {n} | {fmt(r.get('value'), w.unit)} {w.unit} | {pcs} | "
                        f"{fmt(r.get('p50_ms'), 'ms')} | {fmt(r.get('p99_ms'), 'ms')} | "
                        f"{pct('server_cpu_pct')} | {pct('client_cpu_pct')} | {pct('other_cpu_pct')} | {note} |")
     out.append("")
@@ -347,7 +402,18 @@ def main(argv=None) -> int:
                     help="drive WebSocket echo with the ws library instead of the lean raw-frame client")
     ap.add_argument("--out", default=str(BENCH), help="where results.md and results.json go")
     ap.add_argument("--list", action="store_true", help="list workloads and servers, then exit")
+    ap.add_argument("--render", metavar="JSON", help="only rewrite results.md from a results.json")
     o = ap.parse_args(argv)
+    if o.render:
+        data = json.loads(Path(o.render).read_text())
+        opts = argparse.Namespace(**data["options"])
+        for name, row in data["results"].items():
+            for r in row.values():
+                if "error" not in r and r.get("per_cpu") is None:
+                    r["per_cpu"] = per_cpu_of(BY_WORKLOAD[name], r)
+        (Path(o.out) / "results.md").write_text(markdown(data["results"], opts, data["info"]))
+        print(f"wrote {Path(o.out) / 'results.md'}")
+        return 0
     if o.list:
         for w in WORKLOADS:
             print(f"workload {w.name:12s} {w.title} ({w.unit})")
@@ -379,6 +445,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _stop(signum, frame):
+    # Unwind through the try/finally blocks that kill every server and client.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
     use_bench_venv()
+    import signal
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     sys.exit(main())

@@ -430,7 +430,11 @@ function wsFanout() {
       let warmTries = 0;
       const warm = () => publish((dt) => {
         if (dt === null) {
-          if (++warmTries > 10) { emit({ error: `warm-up broadcast never reached all ${subs} subscribers (last round: ${got})` }); process.exit(1); }
+          if (++warmTries > 10) {
+            const closed = socks.filter((x) => x.destroyed).length;
+            emit({ error: `warm-up broadcast never reached all ${subs} subscribers (last round: ${got}; ${closed} subscriber sockets closed; publisher ${pub.readyState === WebSocket.OPEN ? 'open' : 'closed'})` });
+            process.exit(1);
+          }
           return setTimeout(warm, 200);
         }
         measure();
