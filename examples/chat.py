@@ -32,7 +32,8 @@ import os
 import sys
 import time
 import uuid
-from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import parse_qs
 
 import gevent
@@ -50,7 +51,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PAGE = os.path.join(HERE, "chat.html")
 
 
-def _clean(value: Optional[str], default: str, limit: int = 32) -> str:
+def _clean(value: str | None, default: str, limit: int = 32) -> str:
     value = (value or "").strip()[:limit]
     return "".join(ch for ch in value if ch.isprintable()) or default
 
@@ -58,23 +59,23 @@ def _clean(value: Optional[str], default: str, limit: int = 32) -> str:
 class _Session:
     """One browser tab: its client id (gc_cid) across reconnects and transports."""
 
-    __slots__ = ("user", "room", "open", "last_seen")
+    __slots__ = ("last_seen", "open", "room", "user")
 
     def __init__(self, user: str, room: str) -> None:
         self.user = user
         self.room = room
-        self.open = 0          # requests or sockets of this session in progress
+        self.open = 0  # requests or sockets of this session in progress
         self.last_seen = time.monotonic()
 
 
 class _Room:
-    __slots__ = ("name", "seq", "history")
+    __slots__ = ("history", "name", "seq")
 
     def __init__(self, name: str, keep: int) -> None:
         self.name = name
         self.seq = 0
         # (seq, id, json) of the last messages: what a returning client can catch up on.
-        self.history: Deque[Tuple[int, str, str]] = collections.deque(maxlen=keep)
+        self.history: collections.deque[tuple[int, str, str]] = collections.deque(maxlen=keep)
 
 
 class ChatApp:
@@ -87,8 +88,13 @@ class ChatApp:
     long-poller between two polls, a tab reconnecting) before it counts as gone.
     """
 
-    def __init__(self, store: Optional[MemoryChannelStore] = None, history: int = 100,
-                 poll_timeout: float = 25.0, presence_grace: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: MemoryChannelStore | None = None,
+        history: int = 100,
+        poll_timeout: float = 25.0,
+        presence_grace: float = 10.0,
+    ) -> None:
         self.store = store if store is not None else MemoryChannelStore()
         self.poll_timeout = poll_timeout
         self.presence_grace = presence_grace
@@ -96,9 +102,9 @@ class ChatApp:
         # Message ids are "<epoch>.<seq>": after a restart the epoch differs, so an
         # old gc_last is recognised as unknown and the whole history is replayed.
         self.epoch = uuid.uuid4().hex[:8]
-        self.rooms: Dict[str, _Room] = {}
-        self.sessions: Dict[str, _Session] = {}
-        self._reaper: Optional[gevent.Greenlet] = None
+        self.rooms: dict[str, _Room] = {}
+        self.sessions: dict[str, _Session] = {}
+        self._reaper: gevent.Greenlet | None = None
         self.channel = with_channel(self._channel)
 
     # -- WSGI dispatch ------------------------------------------------------------
@@ -114,9 +120,14 @@ class ChatApp:
         if path in ("/", "/index.html"):
             with open(PAGE, "rb") as f:
                 body = f.read()
-            start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"),
-                                      ("Content-Length", str(len(body))),
-                                      ("Cache-Control", "no-cache")])
+            start_response(
+                "200 OK",
+                [
+                    ("Content-Type", "text/html; charset=utf-8"),
+                    ("Content-Length", str(len(body))),
+                    ("Cache-Control", "no-cache"),
+                ],
+            )
             return [body]
         body = b"not found\n"
         start_response("404 Not Found", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
@@ -198,11 +209,16 @@ class ChatApp:
         self.store.add_to_group(group, channel, kind)
 
     @staticmethod
-    def _longpoll_response(rid: str, payload: str) -> Dict[str, Any]:
-        return {"status": 200,
-                "headers": {"Content-Type": "application/json; charset=utf-8",
-                            "Cache-Control": "no-store", "Greenchan-Event-Id": rid},
-                "body": payload}
+    def _longpoll_response(rid: str, payload: str) -> dict[str, Any]:
+        return {
+            "status": 200,
+            "headers": {
+                "Content-Type": "application/json; charset=utf-8",
+                "Cache-Control": "no-store",
+                "Greenchan-Event-Id": rid,
+            },
+            "body": payload,
+        }
 
     # -- rooms and messages ---------------------------------------------------------
 
@@ -212,7 +228,7 @@ class ChatApp:
             room = self.rooms[name] = _Room(name, self.keep)
         return room
 
-    def _after(self, room: _Room, last: str) -> List[Tuple[int, str, str]]:
+    def _after(self, room: _Room, last: str) -> list[tuple[int, str, str]]:
         """The kept messages after the id `last` (all of them if it is unknown)."""
         epoch, _, seq = last.partition(".")
         if epoch == self.epoch and seq.isdigit():
@@ -234,9 +250,9 @@ class ChatApp:
         if text:
             self._publish(room, {"type": "message", "user": user, "text": text})
 
-    def _publish(self, room: _Room, record: Dict[str, Any]) -> None:
+    def _publish(self, room: _Room, record: dict[str, Any]) -> None:
         room.seq += 1
-        rid = "%s.%d" % (self.epoch, room.seq)
+        rid = f"{self.epoch}.{room.seq}"
         record = dict(record, id=rid, room=room.name, ts=time.time())
         payload = json.dumps(record)
         room.history.append((room.seq, rid, payload))
@@ -257,8 +273,9 @@ class ChatApp:
         session.last_seen = time.monotonic()
         return session
 
-    def _attach(self, cid: str, user: str, room: _Room, channel: Any,
-                timer: Optional[gevent.Greenlet] = None) -> None:
+    def _attach(
+        self, cid: str, user: str, room: _Room, channel: Any, timer: gevent.Greenlet | None = None
+    ) -> None:
         """Counts the channel as the session's until it closes (on_close is set here, once)."""
         session = self._touch(cid, user, room)
         session.open += 1
@@ -271,7 +288,7 @@ class ChatApp:
 
         channel.on_close(detach)
 
-    def _online(self, room: str) -> List[str]:
+    def _online(self, room: str) -> list[str]:
         return sorted({s.user for s in self.sessions.values() if s.room == room})
 
     def _reap(self) -> None:
@@ -281,8 +298,9 @@ class ChatApp:
             for cid, s in list(self.sessions.items()):
                 if s.open <= 0 and now - s.last_seen > self.presence_grace:
                     del self.sessions[cid]
-                    self._publish(self._room(s.room), {"type": "leave", "user": s.user,
-                                                       "online": self._online(s.room)})
+                    self._publish(
+                        self._room(s.room), {"type": "leave", "user": s.user, "online": self._online(s.room)}
+                    )
 
 
 def make_app(**options: Any) -> ChatApp:
@@ -293,7 +311,7 @@ def make_app(**options: Any) -> ChatApp:
 app = make_app()
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="greenchan chat example")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
@@ -302,7 +320,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     server = Server(app, host=args.host, port=args.port)
     server.start()
     # Tests and scripts wait for this line (it carries the port when --port 0).
-    print("chat: serving on http://%s:%d/" % (args.host, server.port), flush=True)
+    print(f"chat: serving on http://{args.host}:{server.port}/", flush=True)
     server.serve_forever()
     return 0
 

@@ -23,9 +23,10 @@ import email.utils
 import hashlib
 import os
 import threading
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
+from typing import Any, Callable
 
-__all__ = ["StaticFile", "javascript", "JAVASCRIPT_PATH"]
+__all__ = ["JAVASCRIPT_PATH", "StaticFile", "javascript"]
 
 #: Where the client lives inside the installed package.
 JAVASCRIPT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static", "greenchan.js")
@@ -51,13 +52,13 @@ class StaticFile:
         # Flask takes a view's endpoint name from __name__.
         self.__name__ = name
         self._lock = threading.Lock()
-        self._key: Optional[Tuple[float, int]] = None
+        self._key: tuple[float, int] | None = None
         self._body = b""
         self._etag = ""
         self._last_modified = ""
         self._mtime = 0
 
-    def _load(self) -> Tuple[bytes, str, str, int]:
+    def _load(self) -> tuple[bytes, str, str, int]:
         st = os.stat(self.path)
         key = (st.st_mtime, st.st_size)
         with self._lock:
@@ -65,7 +66,7 @@ class StaticFile:
                 with open(self.path, "rb") as f:
                     body = f.read()
                 self._body = body
-                self._etag = '"%s"' % hashlib.sha256(body).hexdigest()[:32]
+                self._etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
                 self._mtime = int(st.st_mtime)
                 self._last_modified = email.utils.formatdate(self._mtime, usegmt=True)
                 self._key = key
@@ -77,7 +78,7 @@ class StaticFile:
         inm = environ.get("HTTP_IF_NONE_MATCH")
         if inm is not None:
             tags = [t.strip() for t in inm.split(",")]
-            return "*" in tags or etag in [t[2:] if t.startswith("W/") else t for t in tags]
+            return "*" in tags or etag in [t.removeprefix("W/") for t in tags]
         ims = environ.get("HTTP_IF_MODIFIED_SINCE")
         if ims:
             try:
@@ -87,13 +88,15 @@ class StaticFile:
             return mtime <= since
         return False
 
-    def __call__(self, environ: Optional[dict] = None, start_response: Optional[StartResponse] = None) -> Any:
+    def __call__(self, environ: dict | None = None, start_response: StartResponse | None = None) -> Any:
         if environ is None and start_response is None:
             # Called as a zero-argument view (Flask): hand back the WSGI app,
             # which the framework then calls with the request's environ.
             return self
         if environ is None or start_response is None:
-            raise TypeError("StaticFile is called as app(environ, start_response), or with no arguments as a view")
+            raise TypeError(
+                "StaticFile is called as app(environ, start_response), or with no arguments as a view"
+            )
         return self.wsgi(environ, start_response)
 
     def wsgi(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
@@ -105,14 +108,18 @@ class StaticFile:
         try:
             body, etag, last_modified, mtime = self._load()
         except OSError:
-            msg = b"greenchan: %s is missing from the installed package; reinstall greenchan" % os.fsencode(self.path)
-            start_response("500 Internal Server Error", [("Content-Type", "text/plain; charset=utf-8"),
-                                                         ("Content-Length", str(len(msg)))])
+            msg = b"greenchan: %s is missing from the installed package; reinstall greenchan" % os.fsencode(
+                self.path
+            )
+            start_response(
+                "500 Internal Server Error",
+                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(msg)))],
+            )
             return [msg]
-        headers: List[Tuple[str, str]] = [
+        headers: list[tuple[str, str]] = [
             ("ETag", etag),
             ("Last-Modified", last_modified),
-            ("Cache-Control", "public, max-age=%d" % self.max_age),
+            ("Cache-Control", f"public, max-age={self.max_age}"),
         ]
         if self._not_modified(environ, etag, mtime):
             start_response("304 Not Modified", headers)

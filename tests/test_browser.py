@@ -16,7 +16,8 @@ import importlib.util
 import os
 import shutil
 import socket
-from typing import Any, Dict, Iterator, List, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -27,8 +28,16 @@ ARTIFACTS = os.path.join(ROOT, "tests", "artifacts")
 DOCS_SHOT = os.path.join(ROOT, "docs", "chat.png")
 WAIT_MS = 20000  # any single wait in the browser
 RECONNECT_MS = 45000  # the page's backoff is capped at 10 s; this leaves room for a slow machine
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 # Scripts run in the page before its own: take transports away.
 NO_WEBSOCKET = "window.WebSocket = undefined;"
@@ -56,8 +65,9 @@ def _missing() -> str:
 
 
 def _load_chat() -> Any:
-    spec = importlib.util.spec_from_file_location("greenchan_example_chat_browser",
-                                                  os.path.join(ROOT, "examples", "chat.py"))
+    spec = importlib.util.spec_from_file_location(
+        "greenchan_example_chat_browser", os.path.join(ROOT, "examples", "chat.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -68,7 +78,7 @@ def browser() -> Iterator[Any]:
     reason = _missing()
     if reason:
         if os.environ.get("CI"):
-            pytest.fail("browser tests cannot run: %s; CI is set, so this is a failure, not a skip" % reason)
+            pytest.fail(f"browser tests cannot run: {reason}; CI is set, so this is a failure, not a skip")
         pytest.skip(reason)
     from playwright.sync_api import sync_playwright
 
@@ -97,7 +107,7 @@ class ChatServer:
         self.port = self.server.port
 
     def url(self, room: str, user: str) -> str:
-        return "http://127.0.0.1:%d/?room=%s&user=%s" % (self.port, room, user)
+        return f"http://127.0.0.1:{self.port}/?room={room}&user={user}"
 
     def stop(self) -> None:
         self.server.stop()
@@ -125,14 +135,14 @@ def chat_server(chat: Any) -> Iterator[ChatServer]:
 class Person:
     """One chat page in its own browser context (its own connections and storage)."""
 
-    def __init__(self, browser: Any, server: ChatServer, room: str, user: str, init_scripts: Tuple[str, ...]):
+    def __init__(self, browser: Any, server: ChatServer, room: str, user: str, init_scripts: tuple[str, ...]):
         self.user = user
         self.context = browser.new_context(viewport={"width": 760, "height": 420})
         self.context.set_default_timeout(WAIT_MS)
         for script in init_scripts:
             self.context.add_init_script(script)
         self.page = self.context.new_page()
-        self.errors: List[str] = []
+        self.errors: list[str] = []
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
         self.page.goto(server.url(room, user))
 
@@ -148,20 +158,20 @@ class Person:
         self.page.wait_for_function("document.getElementById('text').value === ''")
 
     def sees(self, user: str, text: str) -> None:
-        line = self.page.locator('li.message[data-user="%s"] .text' % user, has_text=text)
+        line = self.page.locator(f'li.message[data-user="{user}"] .text', has_text=text)
         line.first.wait_for(state="visible")
         # Shown once: a message replayed after a reconnect is not shown twice.
-        assert self.page.locator('li.message[data-user="%s"] .text' % user).all_inner_texts().count(text) == 1
+        assert self.page.locator(f'li.message[data-user="{user}"] .text').all_inner_texts().count(text) == 1
 
     def shot(self, name: str) -> None:
         self.page.screenshot(path=os.path.join(ARTIFACTS, name + ".png"))
 
     def close(self) -> None:
-        assert not self.errors, "%s's page raised: %s" % (self.user, self.errors)
+        assert not self.errors, f"{self.user}'s page raised: {self.errors}"
         self.context.close()
 
 
-TRANSPORTS: Dict[str, Tuple[str, ...]] = {
+TRANSPORTS: dict[str, tuple[str, ...]] = {
     "websocket": (),
     "sse": (NO_WEBSOCKET,),
     "longpoll": (NO_WEBSOCKET, NO_EVENTSOURCE),
@@ -214,7 +224,7 @@ def test_pages_reconnect_after_a_server_restart(browser, chat_server, transport)
         # Said while the server is down: queued by greenchan.js, sent on reconnect.
         ann.say("said while the server was down")
         assert ann.page.evaluate("window.chat.queued") == 1
-        ann.shot("restart-%s-down" % transport)
+        ann.shot(f"restart-{transport}-down")
 
         chat_server.start_again()
         ann.wait_open(transport, timeout=RECONNECT_MS)
@@ -223,8 +233,8 @@ def test_pages_reconnect_after_a_server_restart(browser, chat_server, transport)
         ben.say("after the restart")
         ann.sees("ben", "after the restart")
         assert ann.page.evaluate("window.chat.queued") == 0
-        ann.shot("restart-%s-ann" % transport)
-        ben.shot("restart-%s-ben" % transport)
+        ann.shot(f"restart-{transport}-ann")
+        ben.shot(f"restart-{transport}-ben")
     finally:
         ann.close()
         ben.close()
@@ -243,13 +253,14 @@ def test_backoff_queue_limit_and_drops(browser, chat_server):
     context = browser.new_context()
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
-    errors: List[str] = []
+    errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     try:
-        page.goto("http://127.0.0.1:%d/greenchan.js" % chat_server.port)
-        page.set_content('<script src="http://127.0.0.1:%d/greenchan.js"></script>' % chat_server.port)
+        page.goto(f"http://127.0.0.1:{chat_server.port}/greenchan.js")
+        page.set_content(f'<script src="http://127.0.0.1:{chat_server.port}/greenchan.js"></script>')
         page.wait_for_function("!!window.greenchan")
-        page.evaluate("""(port) => {
+        page.evaluate(
+            """(port) => {
             window.log = {reconnecting: [], drop: [], close: [], open: 0};
             const c = window.c = greenchan.connect("http://127.0.0.1:" + port + "/nothing",
                 {maxQueue: 2, reconnectDelay: 40, maxReconnectDelay: 200, reconnectJitter: 0.5});
@@ -258,20 +269,25 @@ def test_backoff_queue_limit_and_drops(browser, chat_server):
             c.ondrop = (e) => log.drop.push([e.data, e.reason]);
             c.onclose = (e) => log.close.push(e.reason);
             log.sent = [c.send("a"), c.send("b"), c.send("c")];
-        }""", _closed_port())
+        }""",
+            _closed_port(),
+        )
         page.wait_for_function("window.log.reconnecting.length >= 7")
         log = page.evaluate("window.log")
         assert log["sent"] == [True, True, False]
         assert log["drop"] == [["c", "queue full (2 messages)"]]
         for attempt, delay in enumerate(log["reconnecting"][:7]):
-            base = min(200, 40 * 2 ** attempt)
+            base = min(200, 40 * 2**attempt)
             assert base * 0.5 <= delay <= base, (attempt, delay)
         assert log["open"] == 0
         assert page.evaluate("window.c.state") == "reconnecting"
 
         page.evaluate("window.c.close()")
         log = page.evaluate("window.log")
-        assert log["drop"][1:] == [["a", "closed before it could be sent"], ["b", "closed before it could be sent"]]
+        assert log["drop"][1:] == [
+            ["a", "closed before it could be sent"],
+            ["b", "closed before it could be sent"],
+        ]
         assert log["close"] == ["closed by the client"]
         assert page.evaluate("window.c.send('late')") is False
         assert page.evaluate("window.log.drop.length") == 4

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 import gevent
 import gevent.queue
@@ -68,29 +68,29 @@ class _Client:
     transport = ""
 
     def __init__(self, port: int, room: str, user: str) -> None:
-        self.base = "http://127.0.0.1:%d/chat" % port
+        self.base = f"http://127.0.0.1:{port}/chat"
         self.room, self.user = room, user
         self.cid = uuid.uuid4().hex
         self.inbox: gevent.queue.Queue = gevent.queue.Queue()
         self.last = ""
-        self.errors: List[BaseException] = []
-        self._greenlet: Optional[gevent.Greenlet] = None
+        self.errors: list[BaseException] = []
+        self._greenlet: gevent.Greenlet | None = None
 
-    def params(self, **extra: str) -> Dict[str, str]:
+    def params(self, **extra: str) -> dict[str, str]:
         p = {"room": self.room, "user": self.user, "gc_transport": self.transport, "gc_cid": self.cid}
         if self.last:
             p["gc_last"] = self.last
         p.update(extra)
         return p
 
-    def start(self) -> "_Client":
+    def start(self) -> _Client:
         self._greenlet = gevent.spawn(self._guarded)
         return self
 
     def _guarded(self) -> None:
         try:
             self.listen()
-        except Exception as exc:  # surfaced by expect()
+        except Exception as exc:  # noqa: BLE001 (surfaced by expect())
             self.errors.append(exc)
 
     def listen(self) -> None:
@@ -102,14 +102,18 @@ class _Client:
         self.inbox.put(record)
 
     def say(self, text: str) -> None:
-        r = requests.post(self.base, params=self.params(), timeout=TIMEOUT,
-                          data=json.dumps({"type": "message", "text": text}).encode(),
-                          headers={"Content-Type": "text/plain; charset=utf-8"})
+        r = requests.post(
+            self.base,
+            params=self.params(),
+            timeout=TIMEOUT,
+            data=json.dumps({"type": "message", "text": text}).encode(),
+            headers={"Content-Type": "text/plain; charset=utf-8"},
+        )
         assert r.status_code in (200, 204), r.status_code
 
     def expect(self, predicate: Callable[[dict], bool], what: str) -> dict:
         """The next record that matches (earlier ones are skipped)."""
-        with gevent.Timeout(TIMEOUT, AssertionError("%s: timed out waiting for %s" % (self.user, what))):
+        with gevent.Timeout(TIMEOUT, AssertionError(f"{self.user}: timed out waiting for {what}")):
             while True:
                 assert not self.errors, self.errors
                 try:
@@ -120,10 +124,12 @@ class _Client:
                     return record
 
     def expect_text(self, text: str, user: str) -> dict:
-        return self.expect(lambda r: r["type"] == "message" and r["text"] == text and r["user"] == user,
-                           "%r from %s" % (text, user))
+        return self.expect(
+            lambda r: r["type"] == "message" and r["text"] == text and r["user"] == user,
+            f"{text!r} from {user}",
+        )
 
-    def records(self) -> List[dict]:
+    def records(self) -> list[dict]:
         out = []
         while not self.inbox.empty():
             out.append(self.inbox.get())
@@ -137,7 +143,7 @@ class _Client:
 class WsClient(_Client):
     transport = "websocket"
 
-    def connect(self) -> "WsClient":
+    def connect(self) -> WsClient:
         url = "ws" + self.base[4:] + "?" + requests.compat.urlencode(self.params())
         self.ws = websocket.create_connection(url, timeout=TIMEOUT)
         return self
@@ -162,15 +168,20 @@ class WsClient(_Client):
 class SseClient(_Client):
     transport = "sse"
 
-    def connect(self) -> "SseClient":
-        self.resp = requests.get(self.base, params=self.params(), stream=True, timeout=TIMEOUT,
-                                 headers={"Accept": "text/event-stream"})
+    def connect(self) -> SseClient:
+        self.resp = requests.get(
+            self.base,
+            params=self.params(),
+            stream=True,
+            timeout=TIMEOUT,
+            headers={"Accept": "text/event-stream"},
+        )
         assert self.resp.status_code == 200
         assert self.resp.headers["Content-Type"].startswith("text/event-stream")
         return self
 
     def listen(self) -> None:
-        event: Dict[str, List[str]] = {}
+        event: dict[str, list[str]] = {}
         for line in self.resp.iter_lines(chunk_size=None, decode_unicode=True):
             if line == "":
                 if "data" in event and not event.get("event"):
@@ -178,7 +189,7 @@ class SseClient(_Client):
                 event = {}
             elif not line.startswith(":"):
                 field, _, value = line.partition(":")
-                event.setdefault(field, []).append(value[1:] if value.startswith(" ") else value)
+                event.setdefault(field, []).append(value.removeprefix(" "))
 
     def stop(self) -> None:
         super().stop()
@@ -188,7 +199,7 @@ class SseClient(_Client):
 class LongPollClient(_Client):
     transport = "longpoll"
 
-    def connect(self) -> "LongPollClient":
+    def connect(self) -> LongPollClient:
         # The opening poll is answered at once; drain what is already there.
         while True:
             r = requests.get(self.base, params=self.params(gc_open="1"), timeout=TIMEOUT)
@@ -244,12 +255,14 @@ def test_users_on_every_transport_share_a_room(server, chat_app):
 
 def test_messages_arrive_in_order_on_every_transport(server, chat_app):
     port = server.port
-    listeners = [WsClient(port, "order", "w").connect().start(),
-                 SseClient(port, "order", "s").connect().start(),
-                 LongPollClient(port, "order", "l").connect().start()]
+    listeners = [
+        WsClient(port, "order", "w").connect().start(),
+        SseClient(port, "order", "s").connect().start(),
+        LongPollClient(port, "order", "l").connect().start(),
+    ]
     talker = WsClient(port, "order", "talker").connect().start()
     try:
-        texts = ["m%d" % i for i in range(20)]
+        texts = [f"m{i}" for i in range(20)]
         for t in texts:
             talker.say(t)
         for c in listeners:
@@ -305,8 +318,13 @@ def test_long_poll_answers_204_when_nothing_comes(server):
 def test_plain_text_post_is_a_message(server):
     ws = WsClient(server.port, "plain", "reader").connect().start()
     try:
-        r = requests.post("http://127.0.0.1:%d/chat" % server.port, params={"room": "plain", "user": "curl"},
-                          data="plain words".encode(), headers={"Content-Type": "text/plain"}, timeout=TIMEOUT)
+        r = requests.post(
+            f"http://127.0.0.1:{server.port}/chat",
+            params={"room": "plain", "user": "curl"},
+            data=b"plain words",
+            headers={"Content-Type": "text/plain"},
+            timeout=TIMEOUT,
+        )
         assert r.status_code == 204
         ws.expect_text("plain words", "curl")
     finally:
@@ -327,7 +345,7 @@ def test_presence_join_and_leave(server):
 
 
 def test_page_and_client_are_served(server):
-    base = "http://127.0.0.1:%d" % server.port
+    base = f"http://127.0.0.1:{server.port}"
     page = requests.get(base + "/", timeout=TIMEOUT)
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     assert '<script src="/greenchan.js"></script>' in page.text
@@ -339,8 +357,13 @@ def test_page_and_client_are_served(server):
 
 def test_runs_with_one_command_and_stops_on_sigterm(tmp_path):
     # `python examples/chat.py --port 0` from a directory that is not the checkout.
-    proc = subprocess.Popen([sys.executable, CHAT_PY, "--port", "0"], cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, CHAT_PY, "--port", "0"],
+        cwd=str(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         with gevent.Timeout(30, AssertionError("chat.py did not say where it serves")):
             line = ""

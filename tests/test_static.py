@@ -26,7 +26,7 @@ def _source() -> bytes:
 @pytest.fixture
 def url():
     with Server(javascript, port=0) as server:
-        yield "http://127.0.0.1:%d/greenchan.js" % server.port
+        yield f"http://127.0.0.1:{server.port}/greenchan.js"
 
 
 def test_serves_the_client_with_cache_headers(url):
@@ -59,11 +59,17 @@ def test_stale_etag_gets_the_file(url):
 def test_if_modified_since(url):
     last_modified = requests.get(url, timeout=TIMEOUT).headers["Last-Modified"]
     assert requests.get(url, headers={"If-Modified-Since": last_modified}, timeout=TIMEOUT).status_code == 304
-    assert requests.get(url, headers={"If-Modified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"},
-                        timeout=TIMEOUT).status_code == 200
+    assert (
+        requests.get(
+            url, headers={"If-Modified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"}, timeout=TIMEOUT
+        ).status_code
+        == 200
+    )
     assert requests.get(url, headers={"If-Modified-Since": "not a date"}, timeout=TIMEOUT).status_code == 200
     # If-None-Match wins over If-Modified-Since (RFC 9110 13.1.3).
-    r = requests.get(url, headers={"If-Modified-Since": last_modified, "If-None-Match": '"stale"'}, timeout=TIMEOUT)
+    r = requests.get(
+        url, headers={"If-Modified-Since": last_modified, "If-None-Match": '"stale"'}, timeout=TIMEOUT
+    )
     assert r.status_code == 200
 
 
@@ -80,7 +86,7 @@ def test_flask_view_in_one_line():
     app = flask.Flask(__name__)
     app.add_url_rule("/greenchan.js", view_func=greenchan.static.javascript)
     with Server(app, port=0) as server:
-        url = "http://127.0.0.1:%d/greenchan.js" % server.port
+        url = f"http://127.0.0.1:{server.port}/greenchan.js"
         r = requests.get(url, timeout=TIMEOUT)
         assert r.status_code == 200 and r.content == _source()
         assert r.headers["Content-Type"] == "application/javascript; charset=utf-8"
@@ -94,7 +100,7 @@ def test_an_edited_file_is_served_anew(tmp_path):
     path.write_text("var a = 1;\n")
     app = StaticFile(str(path), "application/javascript; charset=utf-8")
     with Server(app, port=0) as server:
-        url = "http://127.0.0.1:%d/x.js" % server.port
+        url = f"http://127.0.0.1:{server.port}/x.js"
         first = requests.get(url, timeout=TIMEOUT)
         path.write_text("var a = 22;\n")
         later = time.time() + 10
@@ -107,7 +113,7 @@ def test_an_edited_file_is_served_anew(tmp_path):
 def test_missing_file_says_what_to_do(tmp_path):
     app = StaticFile(str(tmp_path / "gone.js"), "application/javascript")
     with Server(app, port=0) as server:
-        r = requests.get("http://127.0.0.1:%d/" % server.port, timeout=TIMEOUT)
+        r = requests.get(f"http://127.0.0.1:{server.port}/", timeout=TIMEOUT)
         assert r.status_code == 500 and "reinstall greenchan" in r.text
 
 
@@ -120,8 +126,10 @@ def test_client_is_one_dependency_free_script():
         pytest.skip("node is not installed: the script's syntax was not checked")
     subprocess.run([node, "--check", JAVASCRIPT_PATH], check=True, timeout=TIMEOUT)
     # Evaluated as a classic script it exposes window.greenchan.connect.
-    probe = ("const vm = require('vm'); const fs = require('fs');"
-             "const window = {}; vm.createContext(window);"
-             "vm.runInContext(fs.readFileSync(process.argv[1], 'utf8'), window);"
-             "if (typeof window.greenchan.connect !== 'function') process.exit(3);")
+    probe = (
+        "const vm = require('vm'); const fs = require('fs');"
+        "const window = {}; vm.createContext(window);"
+        "vm.runInContext(fs.readFileSync(process.argv[1], 'utf8'), window);"
+        "if (typeof window.greenchan.connect !== 'function') process.exit(3);"
+    )
     subprocess.run([node, "-e", probe, JAVASCRIPT_PATH], check=True, timeout=TIMEOUT)
