@@ -259,6 +259,10 @@ class WebSocketTransport:
         self._write_pending()
 
     def _on_data_frame(self, frame: Any) -> None:
+        if not self.channel.is_open:
+            # Failed (invalid UTF-8) earlier in this same read: the frames that
+            # followed it are dropped, not appended to a message that is gone.
+            return
         data = frame.data
         if frame.opcode is not _CONT:  # the first frame of a message
             if frame.fin:

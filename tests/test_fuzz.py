@@ -113,7 +113,10 @@ def model(stream):
             try:
                 decoder.decode(payload, fin)
             except UnicodeDecodeError:
-                return result("error", 1007)  # fail fast, fragment by fragment
+                # Fail fast, fragment by fragment. greenchan checks UTF-8 after
+                # websockets parsed the whole read, so if bytes follow in the
+                # stream, a parse error in them may be reported first.
+                return result("error", 1007 if pos == len(stream) else (1007, 1002, 1009))
         if fin:
             echoes.append((first, bytes(buf)))
             message = None
@@ -219,7 +222,7 @@ def test_frame_sequences_match_the_model(server, frames):
         assert got_echoes == echoes[:len(got_echoes)]  # the channel closed: later ones may be dropped
         assert got_pongs == pongs
         if outcome == "error":
-            assert struct.unpack("!H", payload[:2])[0] == detail
+            assert struct.unpack("!H", payload[:2])[0] in (detail if isinstance(detail, tuple) else (detail,))
         else:
             assert payload == detail
         assert _read(sock) is None  # and the connection ends
