@@ -40,6 +40,8 @@ def gunicorn(tmp_path):
         proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         procs.append(proc)
         wait_serving(port, proc)
+        workers = int(args[args.index("-w") + 1]) if "-w" in args else 1
+        wait_until(lambda: len(log_lines(str(log), "ready")) >= workers, what="every worker booted")
         return proc, port, str(log)
 
     yield start

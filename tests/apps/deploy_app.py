@@ -22,6 +22,12 @@ def _log(line: str) -> None:
             f.write(line + "\n")
 
 
+# Imported by each worker after gunicorn installed its signal handlers: the tests
+# wait for one line per worker before sending signals (a SIGTERM that reaches a
+# gevent worker while it boots can be lost, with gunicorn's own gevent worker too).
+_log(f"ready {os.getpid()}")
+
+
 @with_channel
 def _handler(channel):
     path = channel.environ.get("PATH_INFO", "")
