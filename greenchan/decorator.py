@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from .channel import Channel, CloseStatus
 from .http import HttpTransport, body_message, read_body
-from .options import DEFAULTS, ROUTE_OPTIONS, Options
+from .options import ROUTE_OPTIONS
 from .server import HANDLER_KEY, RESPONDED_KEY, SERVER_KEY
 from .websocket import WebSocketTransport, origin_allowed, wants_upgrade
 from .wire import http_response

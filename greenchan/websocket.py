@@ -12,7 +12,7 @@ import codecs
 import io
 import logging
 import socket
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 from urllib.parse import urlsplit
 
 from gevent.hub import get_hub

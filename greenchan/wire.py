@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import http
-from typing import Any, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Iterable, Mapping, Tuple, Union
 
 Headers = Union[Mapping[str, str], Iterable[Tuple[str, str]], None]
 
