@@ -202,6 +202,7 @@ class Channel:
         "_dispatching",
         "_parked",
         "_recent",
+        "_pinging",
         "_on_close_pending",
         "__weakref__",
     )
@@ -230,6 +231,7 @@ class Channel:
         # of the 64-connection echo profile (bench/). Released when idle.
         self._parked: Optional[Waiter] = None
         self._recent = False  # a message arrived since the last idle check
+        self._pinging = False  # an on_ping call is running
         self._on_close_pending = False
         environ["greenchan.channel"] = self
 
@@ -364,8 +366,19 @@ class Channel:
         return len(queue) < self._max_queue
 
     def _ping_received(self, payload: bytes) -> None:
-        if self._on_ping is not None:
-            gevent.spawn(self._call, self._on_ping, payload)
+        # One greenlet at a time runs on_ping, so a ping flood cannot spawn
+        # greenlets without bound; pings that arrive meanwhile are skipped (the
+        # pongs were already sent by the transport).
+        if self._on_ping is not None and not self._pinging:
+            self._pinging = True
+            gevent.spawn(self._run_on_ping, payload)
+
+    def _run_on_ping(self, payload: bytes) -> None:
+        try:
+            if self._on_ping is not None:
+                self._call(self._on_ping, payload)
+        finally:
+            self._pinging = False
 
     def _finish(self, status: CloseStatus, code: Optional[int] = None, reason: Optional[str] = None) -> bool:
         """Move to CLOSED once; schedule ``on_close`` after the last message."""
@@ -398,7 +411,7 @@ class Channel:
     def _add_close_hook(self, fn: Callable[["Channel"], Any]) -> None:
         """Run ``fn(channel)`` when the channel closes (used by the stores)."""
         if self._state is CLOSED:
-            fn(self)
+            self._call(fn, self)
             return
         if self._close_hooks is None:
             self._close_hooks = []

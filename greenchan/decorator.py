@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import sys
 from typing import Any, Callable, Iterable, Optional
+
+from gevent.timeout import Timeout
 
 from .channel import Channel, CloseStatus
 from .http import HttpTransport, body_message, read_body
@@ -18,6 +21,10 @@ __all__ = ["with_channel"]
 log = logging.getLogger("greenchan")
 
 Handler = Callable[..., Any]
+
+
+class _BodyTimeout(Exception):
+    """The request body did not arrive within ``handshake_timeout``."""
 
 
 def with_channel(handler: Optional[Handler] = None, **options: Any) -> Any:
@@ -87,11 +94,16 @@ def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, 
             return _respond(environ, start_response, response.status_code, response.body, list(response.headers.raw_items()))
         channel = Channel(environ, transport, True, options.max_queue)
     else:
-        body = read_body(environ, options.max_body)
+        try:
+            # A body that trickles in holds a connection slot: the same deadline
+            # as for the headers bounds it (the slowloris of request bodies).
+            with Timeout(options.handshake_timeout, _BodyTimeout):
+                body = read_body(environ, options.max_body)
+        except _BodyTimeout:
+            log.debug("request body not received within %s s: 408", options.handshake_timeout)
+            return _respond(environ, start_response, 408, "Request body not received in time\n")
         if body is None:
             return _respond(environ, start_response, 413, "Request body too large\n")
-        import io
-
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         transport = HttpTransport(environ, pywsgi_handler, server, options)

@@ -259,3 +259,14 @@ def test_reject_on_http(serve):
     assert response.status_code == 429
     assert response.headers["Retry-After"] == "3"
     assert response.text == "slow down"
+
+
+def test_body_that_trickles_in_is_408(serve):
+    calls = []
+    server = serve(with_channel(lambda ch: (calls.append(ch), ch.send("ok"))), handshake_timeout=0.3)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+    response = sock.recv(1000)
+    assert response.startswith(b"HTTP/1.1 408")
+    assert calls == []
+    assert requests.post(url(server), data=b"x", timeout=5).text == "ok"
