@@ -184,11 +184,11 @@ class Connection:
                 return False
             if sent == len(data):
                 return True
-            data = memoryview(data)[sent:]
+            rest = memoryview(data)[sent:]
         else:
-            data = memoryview(data)
-        self._out.append(data)
-        self._out_size += len(data)
+            rest = memoryview(data)
+        self._out.append(rest)
+        self._out_size += len(rest)
         if self._writer is None:
             self._writer = get_hub().loop.io(self._raw.fileno(), 2)
         if not self._writer.active:

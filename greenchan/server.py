@@ -79,6 +79,9 @@ class _HeadersTooLarge(ValueError):
 class Handler(pywsgi.WSGIHandler):
     """pywsgi's handler, with the socket exposed so a channel can take it over."""
 
+    # pywsgi's attributes, typed here for mypy (None once the handler is done).
+    socket: Any
+    close_connection: bool
     _deadline: Optional[Timeout] = None
     _detached = False
     # True while waiting for a request line: an idle keep-alive connection,
@@ -411,11 +414,11 @@ class Server:
         # let the clients answer the 1001, within the same deadline.
         while self._channels and time.monotonic() < deadline:
             gevent.sleep(0.05)
-        left = [handler for pool in pools for handler in pool]
-        if left or self._channels:
+        running = [handler for pool in pools for handler in pool]
+        if running or self._channels:
             log.warning(
                 "stop: cutting %d handler(s) and %d channel(s) still open after %s s: %s",
-                len(left), len(self._channels), timeout, sorted(map(repr, self._channels))[:10],
+                len(running), len(self._channels), timeout, sorted(map(repr, self._channels))[:10],
             )
         for channel in list(self._channels):
             channel._transport.abort()

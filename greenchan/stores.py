@@ -104,10 +104,8 @@ class _Groups:
             raise TypeError(f"a group name is a str, not {type(group).__name__}")
         if not channel.is_open:
             return
-        members = self._groups.get(group)
-        created = members is None
-        if created:
-            members = self._groups[group] = {}
+        created = group not in self._groups
+        members = self._groups.setdefault(group, {})
         members[channel] = attachment
         groups = self._memberships.get(channel)
         if groups is None:
@@ -218,8 +216,8 @@ def encode(message: Any) -> bytes:
     if isinstance(message, (bytes, bytearray, memoryview)):
         return b"b" + bytes(message)
     if isinstance(message, Event):
-        meta = {k: getattr(message, k) for k in ("event", "id", "retry") if getattr(message, k) is not None}
-        return b"e" + _JSON.encode(meta).encode() + b"\n" + message.data.encode()
+        fields = {k: getattr(message, k) for k in ("event", "id", "retry") if getattr(message, k) is not None}
+        return b"e" + _JSON.encode(fields).encode() + b"\n" + message.data.encode()
     if isinstance(message, dict):
         check_message(message)
         body = message.get("body")

@@ -132,13 +132,13 @@ class WebSocketTransport:
         extensions = [ServerPerMessageDeflateFactory()] if options.compression else None
         self.protocol = protocol = ServerProtocol(
             extensions=extensions,
-            subprotocols=list(options.subprotocols) if options.subprotocols else None,
-            select_subprotocol=_server_order,
+            subprotocols=list(options.subprotocols) if options.subprotocols else None,  # type: ignore[arg-type]
+            select_subprotocol=_server_order,  # type: ignore[arg-type]
             max_size=options.max_message_size,
             logger=_protocol_log,
         )
         self.response: Response = protocol.accept(_request(environ))
-        self.conn: Optional[Connection] = None
+        self.conn: Any = None  # a Connection once the handshake is sent
         self.started = False
         # One growing buffer, not a list of fragments: a flood of tiny or empty
         # fragments costs memory by the byte (max_message_size), not per fragment.
@@ -237,6 +237,7 @@ class WebSocketTransport:
             protocol.receive_data(data)
         else:
             protocol.receive_eof()
+        frame: Any
         for frame in protocol.events_received():
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
