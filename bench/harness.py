@@ -281,6 +281,10 @@ def versions() -> dict:
         v["greenchan_commit"] = subprocess.run(
             ["git", "-C", str(BENCH.parent), "log", "-1", "--format=%h %s"],
             capture_output=True, text=True, timeout=10).stdout.strip()
+        # The package may be edited while the suite runs: say so beside the figures.
+        dirty = subprocess.run(["git", "-C", str(BENCH.parent), "status", "--short", "--", "greenchan"],
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+        v["greenchan_uncommitted"] = ", ".join(x.split()[-1] for x in dirty if x.strip()) or "none"
     except (OSError, subprocess.TimeoutExpired):
         pass
     return v
