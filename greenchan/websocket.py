@@ -217,7 +217,7 @@ class WebSocketTransport:
 
     def _on_data(self, data: bytes) -> None:
         protocol = self.protocol
-        if self._fast and data and not protocol.reader.buffer and protocol.current_size is None:
+        if self._fast and data and not protocol.reader.buffer and self._parts is None:
             # The common case, without the engine: see frames.py.
             messages, used = frames.parse_complete(data, self.options.max_message_size)
             for is_text, payload in messages:
