@@ -187,6 +187,7 @@ class Connection:
             rest = memoryview(data)[sent:]
         else:
             rest = memoryview(data)
+        backlog = self._out_size  # what was queued before this write
         self._out.append(rest)
         self._out_size += len(rest)
         if self._writer is None:
@@ -194,11 +195,14 @@ class Connection:
         if not self._writer.active:
             self._writer.start(self._on_writable)
         if self._out_size > self.send_buffer:
-            return self._over_limit(wait)
+            return self._over_limit(wait, backlog)
         return True
 
-    def _over_limit(self, wait: bool) -> bool:
-        if self._out_size > HARD_LIMIT_FACTOR * self.send_buffer:
+    def _over_limit(self, wait: bool, backlog: int) -> bool:
+        # The hard limit applies to the backlog this write lands on, not to the
+        # write itself: one message larger than the buffer (up to the peer's
+        # max_message_size) is legitimate and drains under backpressure.
+        if backlog > HARD_LIMIT_FACTOR * self.send_buffer:
             self.on_slow()
             return False
         hub = get_hub()
@@ -216,18 +220,19 @@ class Connection:
 
     def _wait_below(self, limit: int, timeout: Optional[float], slow: bool) -> bool:
         """Park the calling greenlet until at most ``limit`` bytes are buffered."""
-        waiter = Waiter()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
+        waiter = None
         try:
             with Timeout(timeout, False):
                 while not self.closed and self._out_size > limit:
-                    waiter.get()
+                    # _wake_all() takes the whole list, so each round registers
+                    # a fresh waiter.
                     waiter = Waiter()
+                    if self._waiters is None:
+                        self._waiters = []
                     self._waiters.append(waiter)
+                    waiter.get()
         finally:
-            if self._waiters and waiter in self._waiters:
+            if waiter is not None and self._waiters and waiter in self._waiters:
                 self._waiters.remove(waiter)
         if not self.closed and self._out_size > limit:
             if slow:

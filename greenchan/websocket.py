@@ -105,6 +105,22 @@ def _server_order(protocol: ServerProtocol, offered: Sequence[str]) -> Optional[
     return None
 
 
+class _ServerProtocol(ServerProtocol):
+    """websockets' engine, except for a close frame inside a fragmented message.
+
+    RFC 6455 section 5.4 lets control frames arrive between the fragments of a
+    message; websockets answers a close there with 1002, Autobahn 7.1.5 expects
+    the close echoed. The partial message is dropped and the close proceeds.
+    """
+
+    def recv_frame(self, frame: Any) -> None:
+        if frame.opcode is _CLOSE:
+            for name in ("current_size", "cur_size"):  # websockets >= 16, older
+                if getattr(self, name, None) is not None:
+                    setattr(self, name, None)
+        super().recv_frame(frame)
+
+
 class WebSocketTransport:
     """Carries one channel over a WebSocket; created by ``with_channel``."""
 
@@ -130,7 +146,7 @@ class WebSocketTransport:
         self.server = server
         self.options = options
         extensions = [ServerPerMessageDeflateFactory()] if options.compression else None
-        self.protocol = protocol = ServerProtocol(
+        self.protocol = protocol = _ServerProtocol(
             extensions=extensions,
             subprotocols=list(options.subprotocols) if options.subprotocols else None,  # type: ignore[arg-type]
             select_subprotocol=_server_order,  # type: ignore[arg-type]
@@ -217,7 +233,7 @@ class WebSocketTransport:
 
     def _on_data(self, data: bytes) -> None:
         protocol = self.protocol
-        if self._fast and data and not protocol.reader.buffer and self._parts is None:
+        if self._fast and data and protocol.state is State.OPEN and not protocol.reader.buffer and self._parts is None:
             # The common case, without the engine: see frames.py.
             messages, used = frames.parse_complete(data, self.options.max_message_size)
             for is_text, payload in messages:

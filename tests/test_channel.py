@@ -248,3 +248,14 @@ def test_slow_consumer_websocket_is_closed_and_others_served(serve):
     client = ws(server)
     client.send("alive")
     assert client.recv() == "alive"
+
+
+def test_one_message_larger_than_the_send_buffer_is_sent_whole(serve):
+    # The hard limit applies to the backlog, not to one legitimate message; and a
+    # send that waits for the buffer to drain wakes up more than once.
+    server = serve(with_channel(lambda ch: ch.on_receive(ch.send)), send_buffer=16 * 1024)
+    client = ws(server)
+    big = bytes(range(256)) * 4096  # 1 MiB
+    for _ in range(3):
+        client.send_binary(big)
+        assert client.recv() == big

@@ -95,9 +95,7 @@ def model(stream):
                         return result("error", 1007)
                     if not (code in EXTERNAL_CLOSE_CODES or 3000 <= code < 5000):
                         return result("error", 1002)
-                if message is not None:
-                    return result("error", 1002)  # websockets: a close inside a fragmented message
-                return result("close", payload)
+                return result("close", payload)  # inside a fragmented message too (RFC 6455 5.4)
             continue
         if opcode == 0:
             if message is None:
@@ -204,9 +202,9 @@ def test_frame_sequences_match_the_model(server, frames):
             if detail == "frame":  # the client leaves inside a frame, without a close
                 sock.shutdown(socket.SHUT_WR)
                 assert _read(sock) is None
-            else:  # a close inside a fragmented message is a protocol error (websockets)
+            else:  # the close is echoed, inside a fragmented message too
                 sock.sendall(frame(8, close_payload(1000)))
-                expected = close_payload(1000) if detail is None else close_payload(1002)
+                expected = close_payload(1000)
                 received = _read(sock)
                 assert received is not None and received[0] == 8 and received[1][:2] == expected
                 assert _read(sock) is None
@@ -235,7 +233,7 @@ def test_model_sanity():
     """The model itself, on hand-made cases."""
     assert model(frame(1, b"hi"))[:3] == ("open", None, [(1, b"hi")])
     assert model(frame(1, b"h", fin=False))[:2] == ("open", "message")
-    assert model(frame(1, b"h", fin=False) + frame(8, close_payload(1000)))[:2] == ("error", 1002)
+    assert model(frame(1, b"h", fin=False) + frame(8, close_payload(1000)))[:2] == ("close", close_payload(1000))
     assert model(frame(1, b"h", fin=False) + frame(9, b"p") + frame(0, b"i"))[2:] == ([(1, b"hi")], [b"p"])
     assert model(frame(1, b"\xff"))[:2] == ("error", 1007)
     assert model(frame(2, b"x" * 600, fin=False) + frame(0, b"x" * 401))[:2] == ("error", 1009)
