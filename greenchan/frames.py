@@ -12,7 +12,7 @@ the same bytes and demands the same result.
 from __future__ import annotations
 
 import struct
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 try:
     from websockets.speedups import apply_mask
@@ -68,3 +68,23 @@ def encode(opcode: int, payload: bytes) -> bytes:
     if length < 65536:
         return _HEAD16.pack(0x80 | opcode, 126, length) + payload
     return _HEAD64.pack(0x80 | opcode, 127, length) + payload
+
+
+# The last immutable message framed, and its frame: a broadcast sends the same
+# object to every member, so it is encoded once instead of once per member.
+# Holding the object keeps its id from being reused while it is cached.
+_last: list = [None, b""]
+
+
+def encode_message(data: Any) -> bytes:
+    """The frame for a ``str`` (text) or bytes-like (binary) message."""
+    if data is _last[0]:
+        return _last[1]
+    if isinstance(data, str):
+        frame = encode(1, data.encode())
+    elif isinstance(data, bytes):
+        frame = encode(2, data)
+    else:  # mutable (bytearray, memoryview): never cached
+        return encode(2, bytes(data))
+    _last[0], _last[1] = data, frame
+    return frame

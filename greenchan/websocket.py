@@ -333,10 +333,7 @@ class WebSocketTransport:
         if isinstance(data, Event):
             data = data.data
         if self._fast:  # no extension: frame it here (frames.py)
-            if isinstance(data, str):
-                ok = self.conn.write(frames.encode(1, data.encode()), wait)
-            else:
-                ok = self.conn.write(frames.encode(2, bytes(data)), wait)
+            ok = self.conn.write(frames.encode_message(data), wait)
         else:
             if isinstance(data, str):
                 protocol.send_text(data.encode())

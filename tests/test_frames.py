@@ -77,3 +77,12 @@ def test_encode_matches_the_engine(payload, opcode):
 def test_random_bytes_never_crash_the_fast_path():
     for _ in range(200):
         frames.parse_complete(os.urandom(64), 1 << 20)
+
+
+def test_encode_message_caches_only_immutable_messages():
+    text = "same object for every member"
+    assert frames.encode_message(text) is frames.encode_message(text)
+    buffer = bytearray(b"abc")
+    first = frames.encode_message(buffer)
+    buffer[0:1] = b"x"
+    assert frames.encode_message(buffer) == frames.encode(2, b"xbc") != first
