@@ -399,8 +399,10 @@ class Channel:
         elif not self._dispatching:
             if self._on_receive is not None and self._queue:
                 self._start_dispatch()
-            else:
+            elif self._on_close is not None:
                 gevent.spawn(self._run_on_close)
+            else:  # nothing to call; one registered later runs at once
+                self._on_close_pending = False
         return True
 
     def _unpark(self) -> None:

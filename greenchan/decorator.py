@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Optional
 from gevent.timeout import Timeout
 
 from .channel import Channel, CloseStatus
-from .http import HttpTransport, body_message, read_body
+from .http import HttpTransport, body_message, has_body, read_body
 from .options import ROUTE_OPTIONS
 from .server import HANDLER_KEY, RESPONDED_KEY, SERVER_KEY
 from .websocket import WebSocketTransport, origin_allowed, wants_upgrade
@@ -94,14 +94,16 @@ def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, 
             return _respond(environ, start_response, response.status_code, response.body, list(response.headers.raw_items()))
         channel = Channel(environ, transport, True, options.max_queue)
     else:
-        try:
-            # A body that trickles in holds a connection slot: the same deadline
-            # as for the headers bounds it (the slowloris of request bodies).
-            with Timeout(options.handshake_timeout, _BodyTimeout):
-                body = read_body(environ, options.max_body)
-        except _BodyTimeout:
-            log.debug("request body not received within %s s: 408", options.handshake_timeout)
-            return _respond(environ, start_response, 408, "Request body not received in time\n")
+        body: Optional[bytes] = b""
+        if has_body(environ):
+            try:
+                # A body that trickles in holds a connection slot: the deadline of
+                # the headers bounds it too (the slowloris of request bodies).
+                with Timeout(options.handshake_timeout, _BodyTimeout):
+                    body = read_body(environ, options.max_body)
+            except _BodyTimeout:
+                log.debug("request body not received within %s s: 408", options.handshake_timeout)
+                return _respond(environ, start_response, 408, "Request body not received in time\n")
         if body is None:
             return _respond(environ, start_response, 413, "Request body too large\n")
         environ["wsgi.input"] = io.BytesIO(body)

@@ -23,12 +23,17 @@ from .wire import has_header, header_items, http_response, response_head, to_byt
 log = logging.getLogger("greenchan.http")
 
 
+def has_body(environ: dict) -> bool:
+    """True if the request announces a body (a length, or chunked encoding)."""
+    return bool(environ.get("CONTENT_LENGTH")) or environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
+
+
 def read_body(environ: dict, max_body: int) -> Optional[bytes]:
     """The whole request body, or None if it is larger than ``max_body``."""
+    if not has_body(environ):
+        return b""
     length = environ.get("CONTENT_LENGTH")
     chunked = environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked"
-    if not chunked and not length:
-        return b""
     if length and int(length) > max_body:
         return None
     body = environ["wsgi.input"].read() if not chunked else environ["wsgi.input"].read(max_body + 1)
