@@ -40,7 +40,7 @@ from .http import body_message, read_body
 from .options import DEFAULTS, Options
 from .server import UPGRADE_KEY
 from .websocket import origin_allowed, wants_upgrade
-from .wire import has_header, header_items, reason, to_bytes
+from .wire import first_response, has_header, header_items, reason, to_bytes
 
 __all__ = ["GeventWebSocketTransport", "WsgiTransport", "flask_compatible", "serve_foreign"]
 
@@ -509,21 +509,7 @@ class WsgiTransport:
         return ok
 
     def _start(self, data: Any, close: bool) -> None:
-        status, headers = 200, []
-        if isinstance(data, dict):
-            status = int(data.get("status", 200))
-            headers = header_items(data.get("headers"))
-        if isinstance(data, Event):
-            if not has_header(headers, "Content-Type"):
-                headers.append(("Content-Type", "text/event-stream"))
-            if not has_header(headers, "Cache-Control"):
-                headers.append(("Cache-Control", "no-cache"))
-        elif not has_header(headers, "Content-Type"):
-            raw = data.get("body") if isinstance(data, dict) else data
-            if isinstance(raw, str):
-                headers.append(("Content-Type", "text/plain; charset=utf-8"))
-            elif raw is not None:
-                headers.append(("Content-Type", "application/octet-stream"))
+        status, headers = first_response(data)
         if close:
             body = data.get("body") if isinstance(data, dict) else data
             headers.append(("Content-Length", str(len(to_bytes(body)))))

@@ -18,7 +18,7 @@ from .channel import Channel, CloseStatus, Event, _wake
 from .connection import Connection
 from .options import Options
 from .server import RESPONDED_KEY
-from .wire import has_header, header_items, http_response, response_head, to_bytes
+from .wire import first_response, http_response, response_head, to_bytes
 
 log = logging.getLogger("greenchan.http")
 
@@ -112,22 +112,8 @@ class HttpTransport:
         is_event = isinstance(data, Event)
         if close is None:
             close = not is_event
-        status, headers = 200, []
-        if isinstance(data, dict):
-            status = int(data.get("status", 200))
-            headers = header_items(data.get("headers"))
+        status, headers = first_response(data)
         body = self._body(data)
-        if is_event:
-            if not has_header(headers, "Content-Type"):
-                headers.append(("Content-Type", "text/event-stream"))
-            if not has_header(headers, "Cache-Control"):
-                headers.append(("Cache-Control", "no-cache"))
-        elif not has_header(headers, "Content-Type"):
-            raw = data.get("body") if isinstance(data, dict) else data
-            if isinstance(raw, str):
-                headers.append(("Content-Type", "text/plain; charset=utf-8"))
-            elif raw is not None:
-                headers.append(("Content-Type", "application/octet-stream"))
         self.started = True
         if close:
             headers.append(("Content-Length", str(len(body))))

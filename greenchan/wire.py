@@ -34,6 +34,32 @@ def response_head(status: int, headers: list, version: str = "HTTP/1.1") -> byte
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def first_response(data: Any) -> Tuple[int, list]:
+    """The status and headers a channel's first ``send`` starts its response with.
+
+    A response dict gives them; an ``Event`` makes it ``text/event-stream``
+    without caching; otherwise the body's type picks the ``Content-Type``.
+    """
+    from .channel import Event  # wire.py stays importable without the channel
+
+    status, headers = 200, []
+    if isinstance(data, dict):
+        status = int(data.get("status", 200))
+        headers = header_items(data.get("headers"))
+    if isinstance(data, Event):
+        if not has_header(headers, "Content-Type"):
+            headers.append(("Content-Type", "text/event-stream"))
+        if not has_header(headers, "Cache-Control"):
+            headers.append(("Cache-Control", "no-cache"))
+    elif not has_header(headers, "Content-Type"):
+        raw = data.get("body") if isinstance(data, dict) else data
+        if isinstance(raw, str):
+            headers.append(("Content-Type", "text/plain; charset=utf-8"))
+        elif raw is not None:
+            headers.append(("Content-Type", "application/octet-stream"))
+    return status, headers
+
+
 def has_header(headers: list, name: str) -> bool:
     name = name.lower()
     return any(key.lower() == name for key, _ in headers)
