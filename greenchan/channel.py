@@ -139,6 +139,17 @@ def check_message(data: Any) -> None:
     )
 
 
+def run_handler(channel: "Channel", handler: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    """Call the application's handler; an exception is logged and closes the
+    channel (500 before a response or handshake, 1011 after), as API.md says."""
+    try:
+        handler(channel, *args, **kwargs)
+    except Exception:
+        log.exception("handler %s raised", getattr(handler, "__name__", handler))
+        if channel.is_open:
+            channel._transport.close(1011, "internal error", CloseStatus.INTERNAL_ERROR)
+
+
 def _wake(waiter: Waiter, value: Any = None) -> None:
     """Resume a greenlet parked on ``waiter`` from any greenlet, hub included."""
     hub = get_hub()

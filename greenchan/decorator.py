@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from gevent.timeout import Timeout
 
-from .channel import Channel, CloseStatus
+from .channel import Channel, run_handler
 from .http import HttpTransport, body_message, has_body, read_body
 from .options import ROUTE_OPTIONS
 from .server import HANDLER_KEY, RESPONDED_KEY, SERVER_KEY
@@ -116,12 +116,7 @@ def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, 
     server._register(channel)
     if not channel.is_websocket:
         transport.watch()
-    try:
-        handler(channel, *args, **kwargs)
-    except Exception:
-        log.exception("handler %s raised", getattr(handler, "__name__", handler))
-        if channel.is_open:
-            transport.close(1011, "internal error", CloseStatus.INTERNAL_ERROR)
+    run_handler(channel, handler, args, kwargs)
     if channel.is_websocket:
         if channel.is_open:
             transport.accept_now()

@@ -35,7 +35,7 @@ from gevent.event import Event as _Flag
 from gevent.hub import get_hub, getcurrent
 from gevent.timeout import Timeout
 
-from .channel import Channel, CloseStatus, Event
+from .channel import Channel, CloseStatus, Event, run_handler
 from .http import body_message, read_body
 from .options import DEFAULTS, Options
 from .server import UPGRADE_KEY
@@ -110,12 +110,7 @@ def serve_foreign(
     if body:
         channel._deliver(body_message(environ, body))
     transport.watch(sock)
-    try:
-        handler(channel, *args, **kwargs)
-    except Exception:
-        log.exception("handler %s raised", getattr(handler, "__name__", handler))
-        if channel.is_open:
-            transport.close(1011, "internal error", CloseStatus.INTERNAL_ERROR)
+    run_handler(channel, handler, args, kwargs)
     if start_response is None:  # a Flask view: Flask runs a returned WSGI callable
         return lambda env, sr: transport.iterate(sr)
     return transport.iterate(start_response)
@@ -158,16 +153,29 @@ def _serve_websocket(environ: dict, ws: Any, handler: Callable, args: tuple, kwa
     transport.channel = channel
     channel._opened()
     transport.start()
-    try:
-        handler(channel, *args, **kwargs)
-    except Exception:
-        log.exception("handler %s raised", getattr(handler, "__name__", handler))
-        if channel.is_open:
-            transport.close(1011, "internal error", CloseStatus.INTERNAL_ERROR)
+    run_handler(channel, handler, args, kwargs)
     # gevent-websocket closes the ws as soon as the application returns, so the
     # request's greenlet stays here while the channel lives (callback style).
     transport.wait_done()
     return []
+
+
+def _backpressure(transport: Any, backlog: int, total: int, wait: bool) -> bool:
+    """connection.py's send-buffer rule, for the transports of foreign servers:
+    over ``send_buffer`` a sender waits up to ``send_timeout``; a backlog past
+    twice the buffer, or a wait that times out, cuts the client as slow."""
+    limit = transport.options.send_buffer
+    if total <= limit:
+        return True
+    if backlog > HARD_LIMIT_FACTOR * limit:
+        transport._slow()
+        return False
+    transport._space.clear()
+    if wait and getcurrent() is not get_hub():
+        if not transport._space.wait(transport.options.send_timeout):
+            transport._slow()
+            return False
+    return True
 
 
 class GeventWebSocketTransport:
@@ -289,23 +297,12 @@ class GeventWebSocketTransport:
     def _enqueue(self, kind: str, payload: Any, size: int, wait: bool) -> bool:
         if self.ws.closed and kind != "close":
             return False
+        backlog = self._out_size
         self._out.append((kind, payload, size))
         self._out_size += size
         if self._writer is None:
             self._writer = gevent.spawn(self._write_loop)
-        limit = self.options.send_buffer
-        if self._out_size <= limit:
-            return True
-        if self._out_size > HARD_LIMIT_FACTOR * limit:
-            self._slow()
-            return False
-        self._space.clear()
-        if wait and getcurrent() is not get_hub():
-            if not self._space.wait(self.options.send_timeout):
-                self._slow()
-                return False
-            return self.channel.is_open or kind == "close"
-        return True
+        return _backpressure(self, backlog, self._out_size, wait) and (self.channel.is_open or kind == "close")
 
     def _write_loop(self) -> None:
         ws = self.ws
@@ -524,22 +521,12 @@ class WsgiTransport:
         self._more.set()
 
     def _push(self, body: bytes, wait: bool) -> bool:
+        backlog = self._size
         if body:
             self._chunks.append(body)
             self._size += len(body)
             self._more.set()
-        limit = self.options.send_buffer
-        if self._size <= limit:
-            return True
-        if self._size > HARD_LIMIT_FACTOR * limit:
-            self._slow()
-            return False
-        self._space.clear()
-        if wait and getcurrent() is not get_hub():
-            if not self._space.wait(self.options.send_timeout):
-                self._slow()
-                return False
-        return True
+        return _backpressure(self, backlog, self._size, wait)
 
     def close(self, code: int = 1000, reason: str = "", status: CloseStatus = CloseStatus.SERVER_CLOSE) -> None:
         if not self.started:
