@@ -402,6 +402,8 @@ def main(argv=None) -> int:
                     help="drive WebSocket echo with the ws library instead of the lean raw-frame client")
     ap.add_argument("--out", default=str(BENCH), help="where results.md and results.json go")
     ap.add_argument("--list", action="store_true", help="list workloads and servers, then exit")
+    ap.add_argument("--merge", action="store_true",
+                    help="update the figures measured now in the existing results.json, keep the others")
     ap.add_argument("--render", metavar="JSON", help="only rewrite results.md from a results.json")
     o = ap.parse_args(argv)
     if o.render:
@@ -437,6 +439,18 @@ def main(argv=None) -> int:
     results = run_all(o)
     info["seconds"] = time.monotonic() - t0
     out = Path(o.out)
+    if o.merge and (out / "results.json").exists():
+        # Re-measure some figures (a noisy one, say) and keep the rest of the last run.
+        old = json.loads((out / "results.json").read_text())
+        merged = old["results"]
+        for name, row in results.items():
+            merged.setdefault(name, {}).update(row)
+        results = {n: merged[n] for n in BY_WORKLOAD if n in merged}
+        prev = old["options"]
+        o.workloads = [n for n in BY_WORKLOAD if n in results]
+        o.servers = [p.name for p in SERVERS if p.name in set(prev["servers"]) | set(o.servers)]
+        info["command"] = f"{old['info']['command']}, then {info['command']}"
+        info["seconds"] += old["info"].get("seconds", 0)
     (out / "results.json").write_text(json.dumps(
         {"info": info, "options": {k: v for k, v in vars(o).items()}, "results": results},
         indent=1, default=str) + "\n")
