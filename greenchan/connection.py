@@ -67,10 +67,6 @@ class Connection:
     def __init__(self, sock: Any, send_buffer: int, send_timeout: float) -> None:
         self.sock = sock  # the gevent socket: kept so the fd lives as long as we do
         self._raw: socket.socket = getattr(sock, "_sock", sock)
-        try:  # each send is a message that should leave now, not wait for Nagle
-            self._raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
         self._out: Deque[memoryview] = collections.deque()
         self._out_size = 0
         self._reader: Any = None

@@ -90,6 +90,10 @@ class Handler(pywsgi.WSGIHandler):
 
     def handle(self) -> None:
         server: "Server" = self.server.greenchan
+        try:  # once per connection: every channel send is a message to deliver now
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
         if not server._admit():
             try:
                 self.socket.sendall(_UNAVAILABLE)
