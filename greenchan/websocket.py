@@ -139,6 +139,7 @@ class WebSocketTransport:
         "_pong_timer",
         "_close_timer",
         "_fast",
+        "_reader",
     )
 
     def __init__(self, environ: dict, handler: Any, server: Any, options: Options) -> None:
@@ -165,6 +166,7 @@ class WebSocketTransport:
         self._close_timer: Any = None
         # No extension negotiated: frames.py may parse and build data frames.
         self._fast = False
+        self._reader: Any = None  # frames.FastReader once the handshake is sent
         self.channel: Channel = None  # type: ignore[assignment]
 
     @property
@@ -210,6 +212,7 @@ class WebSocketTransport:
         conn.on_closed = self._closed
         conn.write(handshake, wait=False)
         self._fast = not protocol.extensions
+        self._reader = frames.FastReader(self.options.max_message_size)
         self.channel._opened()
         conn.start_reading(self._on_data)
         if self.options.ping_interval:
@@ -235,7 +238,7 @@ class WebSocketTransport:
         protocol = self.protocol
         if self._fast and data and protocol.state is State.OPEN and not protocol.reader.buffer and self._parts is None:
             # The common case, without the engine: see frames.py.
-            messages, used = frames.parse_complete(data, self.options.max_message_size)
+            messages, data = self._reader.feed(data)
             for is_text, payload in messages:
                 if is_text:
                     try:
@@ -246,9 +249,8 @@ class WebSocketTransport:
                         return
                 else:
                     self._deliver(payload)
-            if used == len(data):
+            if not data:
                 return
-            data = data[used:]
         if data:
             protocol.receive_data(data)
         else:

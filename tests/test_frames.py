@@ -50,7 +50,7 @@ one_frame = st.builds(
 def test_fast_path_agrees_with_the_engine(chunks, cut, max_size):
     data = b"".join(chunks)
     data = data[: len(data) - cut] if cut < len(data) else data  # a split frame at the end
-    fast, used = frames.parse_complete(data, max_size)
+    fast, used, _ = frames.parse_complete(data, max_size)
     protocol = engine(max_size)
     protocol.receive_data(data[:used])
     events = protocol.events_received()
@@ -63,6 +63,58 @@ def test_fast_path_agrees_with_the_engine(chunks, cut, max_size):
     assert [(e.opcode, bytes(e.data)) for e in rest.events_received()][: len(fast)] == [
         (Opcode.TEXT if t else Opcode.BINARY, p) for t, p in fast
     ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(one_frame, max_size=6),
+    st.lists(st.integers(min_value=1, max_value=400), max_size=8),
+    st.sampled_from([None, 200, 1 << 20]),
+)
+def test_fast_reader_over_any_chunking_agrees_with_the_engine(chunks, cuts, max_size):
+    """Feed the stream in arbitrary pieces: the fast reader plus the engine on
+    what it hands over give the engine's own result on the whole stream."""
+    data = b"".join(chunks)
+    reader = frames.FastReader(max_size)
+    protocol = engine(max_size)
+    got = []
+    handed_over = False
+    pos = 0
+    pieces = []
+    for cut in cuts:
+        pieces.append(data[pos:pos + cut])
+        pos += cut
+    pieces.append(data[pos:])
+    for piece in pieces:
+        if not piece:
+            continue
+        if handed_over:  # once the engine has the stream, it keeps it
+            protocol.receive_data(piece)
+            continue
+        messages, rest = reader.feed(piece)
+        got.extend((Opcode.TEXT if t else Opcode.BINARY, p) for t, p in messages)
+        if rest:
+            handed_over = True
+            protocol.receive_data(rest)
+    got.extend((e.opcode, bytes(e.data)) for e in protocol.events_received())
+    whole = engine(max_size)
+    whole.receive_data(data)
+    expected = [(e.opcode, bytes(e.data)) for e in whole.events_received()]
+    assert got == expected
+    assert (protocol.parser_exc is None) == (whole.parser_exc is None)
+
+
+def test_a_large_frame_in_many_reads_takes_the_fast_path():
+    payload = bytes(range(256)) * 1024  # 256 KiB
+    data = client_frame(2, payload)
+    reader = frames.FastReader(1 << 20)
+    out = []
+    for i in range(0, len(data), 65536):
+        messages, rest = reader.feed(data[i:i + 65536])
+        assert rest == b""
+        out.extend(messages)
+    assert out == [(False, payload)]
+    assert reader.pending == 0
 
 
 @given(st.binary(max_size=70000), st.sampled_from([1, 2, 9]))
