@@ -162,30 +162,35 @@ class Connection:
         """Bytes accepted from the application but not yet taken by the kernel."""
         return self._out_size
 
-    def write(self, data: bytes, wait: bool = True) -> bool:
-        """Write ``data`` whole, after what is already buffered.
+    def write(self, data: bytes, wait: bool = True, tail: Optional[bytes] = None) -> bool:
+        """Write ``data`` (then ``tail``) whole, after what is already buffered.
 
+        ``tail`` lets a large payload go out behind its header in one
+        ``sendmsg`` without being copied into one buffer with it.
         Returns False if the connection is closed or closes while waiting.
         A caller in the hub never waits, whatever ``wait`` says.
         """
         if self.closed:
             return False
+        parts = [memoryview(data)] if tail is None else [memoryview(data), memoryview(tail)]
         if not self._out:
             try:
-                sent = self._raw.send(data)
+                sent = self._raw.send(data) if tail is None else self._raw.sendmsg(parts)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
                 self._lost(exc)
                 return False
-            if sent == len(data):
+            while parts and sent >= len(parts[0]):
+                sent -= len(parts[0])
+                parts.pop(0)
+            if not parts:
                 return True
-            rest = memoryview(data)[sent:]
-        else:
-            rest = memoryview(data)
+            parts[0] = parts[0][sent:]
         backlog = self._out_size  # what was queued before this write
-        self._out.append(rest)
-        self._out_size += len(rest)
+        for part in parts:
+            self._out.append(part)
+            self._out_size += len(part)
         if self._writer is None:
             self._writer = get_hub().loop.io(self._raw.fileno(), 2)
         if not self._writer.active:

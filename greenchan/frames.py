@@ -27,46 +27,47 @@ _HEAD64 = struct.Struct("!BBQ")
 _U64 = struct.Struct("!Q")
 
 
-def parse_complete(data: Any, max_size: Optional[int]) -> Tuple[List[Tuple[bool, bytes]], int, bool]:
+def parse_complete(data: Any, max_size: Optional[int]) -> Tuple[List[Tuple[bool, bytes]], int, int]:
     """Parse the leading complete, final, masked text/binary frames of ``data``.
 
-    Returns ``[(is_text, payload), ...]``, how many bytes they took, and whether
-    the rest is the start of a frame this parser will take once it is complete
-    (so the caller should wait for more bytes rather than hand the rest to the
-    engine). Text payloads are returned undecoded: UTF-8 is the caller's.
+    Returns ``[(is_text, payload), ...]``, how many bytes they took, and what
+    the rest is: 0 if it is not for this parser (hand it to the engine), else
+    the size of the incomplete frame it starts (1 while too short to tell), so
+    the caller waits for that many bytes. Text payloads are returned undecoded.
     """
     frames: List[Tuple[bool, bytes]] = []
     pos = 0
     end = len(data)
+    view = memoryview(data)
     while True:
         left = end - pos
         if left < 2:
-            return frames, pos, True  # nothing, or not enough to tell
+            return frames, pos, 1 if left else 0
         first = data[pos]
         second = data[pos + 1]
         if (first != _FIN_TEXT and first != _FIN_BINARY) or not second & 0x80:
-            return frames, pos, False
+            return frames, pos, 0
         length = second & 0x7F
         if length < 126:
             start = pos + 6
         elif length == 126:
             if left < 4:
-                return frames, pos, True
+                return frames, pos, 1
             (length,) = _U16.unpack_from(data, pos + 2)
             start = pos + 8
         else:
             if left < 10:
-                return frames, pos, True
+                return frames, pos, 1
             (length,) = _U64.unpack_from(data, pos + 2)
             if length >> 63:
-                return frames, pos, False  # invalid: the engine says so
+                return frames, pos, 0  # invalid: the engine says so
             start = pos + 14
         if max_size is not None and length > max_size:
-            return frames, pos, False  # the engine closes with 1009
+            return frames, pos, 0  # the engine closes with 1009
         stop = start + length
         if stop > end:
-            return frames, pos, True
-        frames.append((first == _FIN_TEXT, apply_mask(data[start:stop], data[start - 4:start])))
+            return frames, pos, stop - pos
+        frames.append((first == _FIN_TEXT, apply_mask(view[start:stop], bytes(view[start - 4:start]))))
         pos = stop
 
 
@@ -78,40 +79,54 @@ class FastReader:
     engine has the stream until the caller knows it is at a boundary again.
     """
 
-    __slots__ = ("max_size", "_pending")
+    __slots__ = ("max_size", "_chunks", "_size", "_need")
 
     def __init__(self, max_size: Optional[int]) -> None:
         self.max_size = max_size
-        self._pending: Optional[bytearray] = None  # an incomplete frame we will take
+        # The pieces of an incomplete frame we will take, joined once complete:
+        # one copy per frame, however many reads it took.
+        self._chunks: List[bytes] = []
+        self._size = 0
+        self._need = 0
 
     def feed(self, data: bytes) -> Tuple[List[Tuple[bool, bytes]], bytes]:
-        buffer: Any = data
-        if self._pending is not None:
-            self._pending += data
-            buffer = self._pending
-            self._pending = None
-        frames, used, wait = parse_complete(buffer, self.max_size)
-        if used == len(buffer):
+        if self._chunks:
+            self._chunks.append(data)
+            self._size += len(data)
+            if self._size < self._need:
+                return [], b""
+            data = b"".join(self._chunks)
+            self._chunks = []
+            self._size = 0
+        frames, used, need = parse_complete(data, self.max_size)
+        if used == len(data):
             return frames, b""
-        if wait:
-            self._pending = bytearray(memoryview(buffer)[used:])
+        rest = data[used:]
+        if need:
+            self._chunks = [rest]
+            self._size = len(rest)
+            self._need = need
             return frames, b""
-        return frames, bytes(memoryview(buffer)[used:])
+        return frames, rest
 
     @property
     def pending(self) -> int:
         """Bytes held for an incomplete frame."""
-        return len(self._pending) if self._pending is not None else 0
+        return self._size
+
+
+def header(opcode: int, length: int) -> bytes:
+    """The header of a final, unmasked server frame (RFC 6455 section 5.2)."""
+    if length < 126:
+        return bytes((0x80 | opcode, length))
+    if length < 65536:
+        return _HEAD16.pack(0x80 | opcode, 126, length)
+    return _HEAD64.pack(0x80 | opcode, 127, length)
 
 
 def encode(opcode: int, payload: bytes) -> bytes:
-    """A final, unmasked server frame (RFC 6455 section 5.2)."""
-    length = len(payload)
-    if length < 126:
-        return bytes((0x80 | opcode, length)) + payload
-    if length < 65536:
-        return _HEAD16.pack(0x80 | opcode, 126, length) + payload
-    return _HEAD64.pack(0x80 | opcode, 127, length) + payload
+    """A final, unmasked server frame."""
+    return header(opcode, len(payload)) + payload
 
 
 # The last immutable message framed, and its frame: a broadcast sends the same

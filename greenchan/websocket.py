@@ -44,6 +44,11 @@ class _QuietLogger(logging.LoggerAdapter):
         self.debug(msg, *args, **kwargs)
 
 
+# Binary messages from this size on are not copied behind their frame header
+# (with frames.FastReader, 256 KiB echo went from 0.84x to 1.3-1.5x aiohttp in
+# bench/); below it one buffer and one send are cheaper.
+_LARGE = 65536
+
 _protocol_log = _QuietLogger(logging.getLogger("greenchan.websocket.protocol"), {})
 
 
@@ -335,7 +340,11 @@ class WebSocketTransport:
         if isinstance(data, Event):
             data = data.data
         if self._fast:  # no extension: frame it here (frames.py)
-            ok = self.conn.write(frames.encode_message(data), wait)
+            if isinstance(data, bytes) and len(data) >= _LARGE:
+                # Header and payload in one sendmsg, without copying the payload.
+                ok = self.conn.write(frames.header(2, len(data)), wait, data)
+            else:
+                ok = self.conn.write(frames.encode_message(data), wait)
         else:
             if isinstance(data, str):
                 protocol.send_text(data.encode())
