@@ -332,20 +332,24 @@ class WebSocketTransport:
     def send(self, data: Any, close: Optional[bool], wait: bool) -> bool:
         if not self.started:
             self.accept_now()
-        protocol = self.protocol
-        if protocol.state is not State.OPEN:
-            return False
         if isinstance(data, dict):
-            data = data.get("body", b"")
-        if isinstance(data, Event):
+            data = data.get("body")
+            if data is None:
+                data = b""
+        elif isinstance(data, Event):
             data = data.data
         if self._fast:  # no extension: frame it here (frames.py)
+            # No engine state check on this hot path (broadcasts): the channel,
+            # open, already says the connection is (Channel.send checked it).
             if isinstance(data, bytes) and len(data) >= _LARGE:
                 # Header and payload in one sendmsg, without copying the payload.
                 ok = self.conn.write(frames.header(2, len(data)), wait, data)
             else:
                 ok = self.conn.write(frames.encode_message(data), wait)
         else:
+            protocol = self.protocol
+            if protocol.state is not State.OPEN:
+                return False
             if isinstance(data, str):
                 protocol.send_text(data.encode())
             else:
