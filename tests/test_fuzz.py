@@ -218,7 +218,13 @@ def test_frame_sequences_match_the_model(server, frames):
                 break
             (got_pongs if opcode == 10 else got_echoes).append(payload if opcode == 10 else received)
         assert got_echoes == echoes[:len(got_echoes)]  # the channel closed: later ones may be dropped
-        assert got_pongs == pongs
+        if outcome == "error":
+            # websockets answers the pings of one read before greenchan checks the
+            # UTF-8 of the text frames between them: pings that came after an
+            # invalid text frame in the same read may be answered too.
+            assert got_pongs[:len(pongs)] == pongs
+        else:
+            assert got_pongs == pongs
         if outcome == "error":
             assert struct.unpack("!H", payload[:2])[0] in (detail if isinstance(detail, tuple) else (detail,))
         else:
