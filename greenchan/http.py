@@ -201,7 +201,7 @@ class HttpTransport:
 
     def wait_done(self) -> None:
         """Block the request's greenlet until the response is complete, then hand
-        the connection back to pywsgi (keep-alive) or close it."""
+        the connection back to pywsgi."""
         if self.channel.is_open:
             self._waiter = Waiter()
             try:
@@ -212,14 +212,9 @@ class HttpTransport:
         environ = self.handler.environ
         if not conn.closed and not conn.flush(self.options.send_timeout):
             conn.abort()
-        if conn.closed or not self._keep_alive:
-            environ[RESPONDED_KEY] = "close"
-            if not conn.closed:
-                conn.release()
-                conn.linger_close(self.options.close_timeout)
-                self.handler.detach()
-                self.server._release()
-        else:
-            environ[RESPONDED_KEY] = "keep-alive"
+        # The response is written: pywsgi reads the next request on this
+        # connection, or closes it (after a close-delimited or failed response).
+        environ[RESPONDED_KEY] = "keep-alive" if self._keep_alive and not conn.closed else "close"
+        if not conn.closed:
             conn.release()
         self.server._unregister(self.channel)
