@@ -37,3 +37,27 @@ def wait_for(predicate: Any, timeout: float = 5.0) -> Any:
             return value
         gevent.sleep(0.01)
     raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+
+
+def rss_kib() -> int:
+    """This process's resident memory, from /proc."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def greenlet_count() -> int:
+    """Greenlets of this thread's hub (not the resolver's worker threads, whose
+    main greenlets have no parent and which grow with the DNS thread pool)."""
+    import gc
+
+    import greenlet
+    from gevent.threadpool import _WorkerGreenlet
+
+    gc.collect()
+    return sum(
+        isinstance(o, greenlet.greenlet) and o.parent is not None and not isinstance(o, _WorkerGreenlet)
+        for o in gc.get_objects()
+    )

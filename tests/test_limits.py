@@ -6,25 +6,20 @@ max_connections with one transport) are extended here, not repeated.
 """
 import gc
 import logging
-import os
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import textwrap
 import tracemalloc
 import zlib
 
 import gevent
-import greenlet
 import pytest
 import requests
 import websocket
 from gevent.pool import Pool
-from gevent.threadpool import _WorkerGreenlet
 
-from conftest import wait_for
+from conftest import greenlet_count, rss_kib, wait_for
 from greenchan import CloseStatus, with_channel
 from wsraw import close_payload, frame, handshake, read_close, read_frame
 
@@ -93,22 +88,6 @@ def status_of(answer):
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.") else None
 
 
-def rss_kib():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def greenlet_count():
-    """Greenlets of this thread's hub (not the resolver's worker threads, whose
-    main greenlets have no parent and which grow with the DNS thread pool)."""
-    gc.collect()
-    return sum(
-        isinstance(o, greenlet.greenlet) and o.parent is not None and not isinstance(o, _WorkerGreenlet)
-        for o in gc.get_objects()
-    )
 
 
 def tiny_frames(opcode, count, payload=b""):

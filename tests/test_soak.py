@@ -8,34 +8,18 @@ import socket
 import time
 
 import gevent
-import greenlet
 import pytest
 from gevent.pool import Pool
-from gevent.threadpool import _WorkerGreenlet
 
-from conftest import wait_for
+from conftest import greenlet_count, rss_kib, wait_for
 from greenchan import MemoryChannelStore, with_channel
-from wsraw import close_payload, frame, handshake, read_close, read_frame
+from wsraw import close_payload, frame, handshake, read_frame
 
 pytestmark = pytest.mark.soak
 
 WEBSOCKETS, LONG_POLLS, BATCH = 5000, 1000, 500
 
 
-def rss_kib():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
-def greenlet_count():
-    gc.collect()
-    return sum(
-        isinstance(o, greenlet.greenlet) and o.parent is not None and not isinstance(o, _WorkerGreenlet)
-        for o in gc.get_objects()
-    )
 
 
 def test_soak_websockets_and_long_polls(serve):
