@@ -171,6 +171,10 @@ def _parser() -> argparse.ArgumentParser:
     _add("--compression", metavar="deflate|none", help="permessage-deflate (default: none)")
     _add("--max-connections", metavar="N", help="over this many connections new ones get 503")
     _add("--max-body", metavar="SIZE", help="largest request body; larger ones get 413")
+    _add("--max-header-size", metavar="SIZE", help="largest request header block; larger ones get 431")
+    _add("--handshake-timeout", metavar="SECONDS",
+         help="time to send request headers (and a body); also the keep-alive idle time ('none' disables)")
+    _add("--close-timeout", metavar="SECONDS", help="how long a WebSocket close handshake may take")
     return parser
 
 

@@ -105,3 +105,19 @@ def test_environment_sets_options_flags_win(cli):
     proc, port, log = cli("deploy_app:application", "--max-body", "20", env={"GREENCHAN_MAX_BODY": "5"})
     assert requests.post(f"http://127.0.0.1:{port}/echo", data="x" * 20, timeout=10).status_code == 200
     assert requests.post(f"http://127.0.0.1:{port}/echo", data="x" * 21, timeout=10).status_code == 413
+
+
+def test_every_server_option_has_a_flag():
+    from greenchan.options import Options
+    import dataclasses
+
+    result = run("--help", command="module")
+    for field in dataclasses.fields(Options):
+        assert "--" + field.name.replace("_", "-") in result.stdout, field.name
+
+
+def test_header_limit_flag_applies(cli):
+    proc, port, log = cli("deploy_app", "--max-header-size", "2KiB", "--handshake-timeout", "5")
+    response = requests.get(f"http://127.0.0.1:{port}/pid", headers={"X-Big": "x" * 3000}, timeout=10)
+    assert response.status_code == 431
+    assert requests.get(f"http://127.0.0.1:{port}/pid", timeout=10).status_code == 200
