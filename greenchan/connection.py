@@ -157,11 +157,6 @@ class Connection:
 
     # -- writing -------------------------------------------------------------
 
-    @property
-    def buffered(self) -> int:
-        """Bytes accepted from the application but not yet taken by the kernel."""
-        return self._out_size
-
     def write(self, data: bytes, wait: bool = True, tail: Optional[bytes] = None) -> bool:
         """Write ``data`` (then ``tail``) whole, after what is already buffered.
 

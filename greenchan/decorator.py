@@ -87,11 +87,11 @@ def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, 
     if wants_upgrade(environ):
         if not origin_allowed(environ, options.origins):
             log.warning("refused WebSocket from origin %r", environ.get("HTTP_ORIGIN"))
-            return _respond(environ, start_response, 403, "Origin not allowed\n")
+            return _respond(environ, 403, "Origin not allowed\n")
         transport: Any = WebSocketTransport(environ, pywsgi_handler, server, options)
         if not transport.valid:
             response = transport.response
-            return _respond(environ, start_response, response.status_code, response.body, list(response.headers.raw_items()))
+            return _respond(environ, response.status_code, response.body, list(response.headers.raw_items()))
         channel = Channel(environ, transport, True, options.max_queue)
     else:
         body: Optional[bytes] = b""
@@ -103,9 +103,9 @@ def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, 
                     body = read_body(environ, options.max_body)
             except _BodyTimeout:
                 log.debug("request body not received within %s s: 408", options.handshake_timeout)
-                return _respond(environ, start_response, 408, "Request body not received in time\n")
+                return _respond(environ, 408, "Request body not received in time\n")
         if body is None:
-            return _respond(environ, start_response, 413, "Request body too large\n")
+            return _respond(environ, 413, "Request body too large\n")
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         transport = HttpTransport(environ, pywsgi_handler, server, options)
@@ -126,7 +126,7 @@ def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, 
     return []
 
 
-def _respond(environ: dict, start_response: Optional[Callable], status: int, body: Any, headers: Optional[list] = None) -> Iterable[bytes]:
+def _respond(environ: dict, status: int, body: Any, headers: Optional[list] = None) -> Iterable[bytes]:
     """Answer a plain response before any channel exists (403, 400, 413)."""
     pywsgi_handler = environ[HANDLER_KEY]
     environ[RESPONDED_KEY] = "close"
