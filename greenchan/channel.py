@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import enum
 import logging
+import re
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Union
 
 import gevent
@@ -113,12 +114,17 @@ class Event:
             lines.append(f"id: {self.id}")
         if self.retry is not None:
             lines.append(f"retry: {int(self.retry)}")
-        lines.extend("data: " + line for line in self.data.splitlines() or [""])
+        # The SSE format splits lines at CR, LF and CRLF only; str.splitlines()
+        # would also split at U+2028, form feed and others, and drop a final
+        # newline, so the client would not get the text that was sent.
+        lines.extend("data: " + line for line in _SSE_LINES.split(self.data))
         return ("\n".join(lines) + "\n\n").encode()
 
     def __repr__(self) -> str:
         return f"Event({self.data!r}, event={self.event!r}, id={self.id!r})"
 
+
+_SSE_LINES = re.compile(r"\r\n|\r|\n")
 
 _RESPONSE_KEYS = frozenset({"status", "headers", "body"})
 

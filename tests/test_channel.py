@@ -259,3 +259,38 @@ def test_one_message_larger_than_the_send_buffer_is_sent_whole(serve):
     for _ in range(3):
         client.send_binary(big)
         assert client.recv() == big
+
+
+def _event_stream_data(text):
+    """The data of each event, parsed as the HTML standard's EventSource does:
+    lines end at CR, LF or CRLF only; data lines join with LF."""
+    import re
+
+    events, data = [], []
+    for line in re.split(r"\r\n|\r|\n", text):
+        if line == "":
+            if data:
+                events.append("\n".join(data))
+            data = []
+        elif line.startswith("data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(" ") else value)
+    return events
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a\u2028b", "a\u2029b", "a\x0cb", "a\x0bb", "a\x1cb\x1db\x1eb", "a\x85b", "line\n", "\n", "", "a\r\nb\rc\nd", "tab\there"],
+)
+def test_event_data_arrives_exactly_as_sent(serve, text):
+    import requests
+
+    @with_channel
+    def app(channel):
+        channel.send(Event(text))
+        channel.close()
+
+    server = serve(app)
+    body = requests.get(f"http://127.0.0.1:{server.port}/", timeout=5).content.decode()
+    expected = text.replace("\r\n", "\n").replace("\r", "\n")  # EventSource normalises these
+    assert _event_stream_data(body) == [expected]
