@@ -55,6 +55,7 @@ class Connection:
         "_slow_timer",
         "_linger",
         "_waiters",
+        "_drained",
         "send_buffer",
         "send_timeout",
         "on_data",
@@ -74,6 +75,9 @@ class Connection:
         self._slow_timer: Any = None
         self._linger: Any = None
         self._waiters: Optional[List[Waiter]] = None
+        # Bytes the peer has taken from the buffer so far: a waiting sender
+        # tells a slow peer from a busy one by whether this moves.
+        self._drained = 0
         self.send_buffer = send_buffer
         self.send_timeout = send_timeout
         self.on_data: Callable[[bytes], Any] = _ignore
@@ -167,6 +171,11 @@ class Connection:
         """
         if self.closed:
             return False
+        if self._out_size > self.send_buffer and wait and getcurrent() is not get_hub():
+            # Wait our turn before adding: concurrent senders queue up behind the
+            # limit instead of piling their messages past it.
+            if not self._wait_below(self.send_buffer, self.send_timeout, slow=True):
+                return False
         parts = [memoryview(data)] if tail is None else [memoryview(data), memoryview(tail)]
         if not self._out:
             try:
@@ -195,15 +204,17 @@ class Connection:
         return True
 
     def _over_limit(self, wait: bool, backlog: int) -> bool:
-        # The hard limit applies to the backlog this write lands on, not to the
-        # write itself: one message larger than the buffer (up to the peer's
-        # max_message_size) is legitimate and drains under backpressure.
+        hub = get_hub()
+        if wait and getcurrent() is not hub:
+            # A waiting sender is held back, never cut: only a peer that drains
+            # nothing for send_timeout is slow (_wait_below).
+            return self._wait_below(self.send_buffer, self.send_timeout, slow=True)
+        # The hard limit applies to the backlog a non-waiting write (a broadcast)
+        # lands on, not to the write itself: one message larger than the buffer
+        # (up to the peer's max_message_size) is legitimate and drains.
         if backlog > HARD_LIMIT_FACTOR * self.send_buffer:
             self.on_slow()
             return False
-        hub = get_hub()
-        if wait and getcurrent() is not hub:
-            return self._wait_below(self.send_buffer, self.send_timeout, slow=True)
         if self._slow_timer is None:
             self._slow_timer = hub.loop.timer(self.send_timeout)
             self._slow_timer.start(self._slow_expired)
@@ -214,33 +225,44 @@ class Connection:
         if not self.closed and self._out_size > self.send_buffer:
             self.on_slow()
 
-    def _wait_below(self, limit: int, timeout: Optional[float], slow: bool) -> bool:
-        """Park the calling greenlet until at most ``limit`` bytes are buffered."""
-        waiter = None
-        try:
+    def _wait_below(self, limit: int, timeout: Optional[float], slow: bool, overall: bool = False) -> bool:
+        """Park the calling greenlet until at most ``limit`` bytes are buffered.
+
+        ``timeout`` bounds how long the peer may take nothing at all, not the
+        whole wait: behind other senders a message may wait several drains of
+        the buffer, and a peer that reads at full speed is not slow. With
+        ``overall`` it bounds the whole wait (a flush before the connection ends).
+        """
+        if overall:
             with Timeout(timeout, False):
-                while not self.closed and self._out_size > limit:
-                    # _wake_all() takes the whole list, so each round registers
-                    # a fresh waiter.
-                    waiter = Waiter()
-                    if self._waiters is None:
-                        self._waiters = []
-                    self._waiters.append(waiter)
-                    waiter.get()
-        finally:
-            if waiter is not None and self._waiters and waiter in self._waiters:
-                self._waiters.remove(waiter)
-        if not self.closed and self._out_size > limit:
-            if slow:
-                self.on_slow()
+                return self._wait_below(limit, None, slow)
             return False
+        while not self.closed and self._out_size > limit:
+            drained = self._drained
+            # _wake_all() takes the whole list, so each round registers a fresh waiter.
+            waiter = Waiter()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            woken = False
+            try:
+                with Timeout(timeout, False):
+                    waiter.get()
+                    woken = True
+            finally:
+                if self._waiters and waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            if not woken and self._drained == drained:
+                if slow and not self.closed:
+                    self.on_slow()
+                return False
         return not self.closed
 
     def flush(self, timeout: Optional[float]) -> bool:
         """Wait until everything buffered reached the kernel; False if it did not."""
         if not self._out:
             return not self.closed
-        return self._wait_below(0, timeout, slow=False)
+        return self._wait_below(0, timeout, slow=False, overall=True)
 
     def _on_writable(self) -> None:
         out = self._out
@@ -250,6 +272,7 @@ class Connection:
                 chunk = out[0]
                 sent = raw.send(chunk)
                 self._out_size -= sent
+                self._drained += sent
                 if sent < len(chunk):
                     out[0] = chunk[sent:]
                     break

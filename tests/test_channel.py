@@ -294,3 +294,38 @@ def test_event_data_arrives_exactly_as_sent(serve, text):
     body = requests.get(f"http://127.0.0.1:{server.port}/", timeout=5).content.decode()
     expected = text.replace("\r\n", "\n").replace("\r", "\n")  # EventSource normalises these
     assert _event_stream_data(body) == [expected]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "stream"])
+def test_concurrent_waiting_sends_reach_a_reading_client_whole(serve, transport):
+    # 8 greenlets sending 300 KB each through a 1 MiB buffer: the senders wait
+    # their turn; a client that reads at full speed is never cut as slow.
+    closes = []
+
+    @with_channel
+    def app(channel):
+        channel.on_close(closes.append)
+        if not channel.is_websocket:
+            channel.send({"headers": {"Content-Type": "application/octet-stream"}}, close=False)
+
+        def sender(tag):
+            for _ in range(20):
+                assert channel.send(tag * 300_000)
+
+        gevent.joinall([gevent.spawn(sender, t) for t in (b"a", b"b", b"c", b"d", b"e", b"f", b"g", b"h")], raise_error=True)
+        channel.close()
+
+    server = serve(app, send_buffer=1 << 20, send_timeout=2)
+    total = 8 * 20 * 300_000
+    if transport == "websocket":
+        client = ws(server)
+        got = b""
+        for _ in range(160):
+            got += client.recv()
+    else:
+        import requests
+
+        got = requests.get(f"http://127.0.0.1:{server.port}/", timeout=30).content
+    assert len(got) == total
+    wait_for(lambda: closes)
+    assert closes == [CloseStatus.SERVER_CLOSE]
