@@ -13,7 +13,8 @@ from .channel import Channel, run_handler
 from .http import HttpTransport, body_message, has_body, read_body
 from .options import ROUTE_OPTIONS
 from .server import HANDLER_KEY, RESPONDED_KEY, SERVER_KEY
-from .websocket import WebSocketTransport, origin_allowed, wants_upgrade
+from .origin import check_origin
+from .websocket import WebSocketTransport, wants_upgrade
 from .wire import http_response
 
 __all__ = ["with_channel"]
@@ -84,10 +85,11 @@ def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, 
     if server is None or pywsgi_handler is None:
         return _unsupported(environ, start_response, handler, args, kwargs, route_options)
     options = server.options.replace(**route_options)
+    refusal = check_origin(environ, options.origins)
+    if refusal is not None:
+        status, headers = refusal
+        return _respond(environ, status, "Origin not allowed\n" if status == 403 else "", headers)
     if wants_upgrade(environ):
-        if not origin_allowed(environ, options.origins):
-            log.warning("refused WebSocket from origin %r", environ.get("HTTP_ORIGIN"))
-            return _respond(environ, 403, "Origin not allowed\n")
         transport: Any = WebSocketTransport(environ, pywsgi_handler, server, options)
         if not transport.valid:
             response = transport.response

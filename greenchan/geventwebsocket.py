@@ -39,7 +39,8 @@ from .channel import Channel, CloseStatus, Event, run_handler
 from .http import body_message, read_body
 from .options import DEFAULTS, Options
 from .server import UPGRADE_KEY
-from .websocket import origin_allowed, wants_upgrade
+from .origin import CORS_KEY, check_origin, origin_allowed
+from .websocket import wants_upgrade
 from .wire import first_response, has_header, header_items, reason, to_bytes
 
 __all__ = ["GeventWebSocketTransport", "WsgiTransport", "flask_compatible", "serve_foreign"]
@@ -87,6 +88,11 @@ def serve_foreign(
     """Serve a ``with_channel`` handler under a server that is not greenchan's."""
     options = DEFAULTS.replace(**route_options)
     software = environ.get("SERVER_SOFTWARE", "an unknown WSGI server")
+    if environ.get("wsgi.websocket") is None:
+        refusal = check_origin(environ, options.origins)
+        if refusal is not None:
+            status, headers = refusal
+            return _plain(start_response, status, "Origin not allowed\n" if status == 403 else "", headers)
     ws = environ.get("wsgi.websocket")
     if ws is not None:
         return _serve_websocket(environ, ws, handler, args, kwargs, options)
@@ -125,9 +131,11 @@ def _pywsgi_socket(wsgi_input: Any) -> Any:
     return sock
 
 
-def _plain(start_response: Optional[Callable], status: int, body: str) -> Any:
+def _plain(start_response: Optional[Callable], status: int, body: str, extra: Optional[list] = None) -> Any:
     data = body.encode()
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))]
+    headers = list(extra or [])
+    if status != 204:
+        headers += [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(data)))]
 
     def respond(env: Any, sr: Callable) -> List[bytes]:
         sr(f"{status} {reason(status)}", headers)
@@ -518,6 +526,7 @@ class WsgiTransport:
         self.started = True
         self._status = f"{status} {reason(status)}"
         self._headers = [(str(k), str(v)) for k, v in headers]
+        self._headers += self.environ.get(CORS_KEY, ())
         self._more.set()
 
     def _push(self, body: bytes, wait: bool) -> bool:

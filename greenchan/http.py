@@ -17,6 +17,7 @@ from gevent.hub import Waiter
 from .channel import Channel, CloseStatus, Event, _wake
 from .connection import Connection
 from .options import Options
+from .origin import CORS_KEY
 from .server import RESPONDED_KEY
 from .wire import first_response, http_response, response_head, to_bytes
 
@@ -113,6 +114,7 @@ class HttpTransport:
         if close is None:
             close = not is_event
         status, headers = first_response(data)
+        headers += self.handler.environ.get(CORS_KEY, ())
         body = self._body(data)
         self.started = True
         if close:
@@ -157,6 +159,7 @@ class HttpTransport:
                 self._keep_alive = False
             else:
                 head = [] if self._keep_alive else [("Connection", "close")]
+                head += self.handler.environ.get(CORS_KEY, ())
                 out = response_head(204, head)
             self.conn.write(out, wait=False)
         elif self._chunked and status is not CloseStatus.INTERNAL_ERROR:

@@ -77,9 +77,12 @@ def http_response(status: int, headers: Headers, body: Any, close: bool) -> byte
     """A complete response with ``Content-Length`` (a rejection, an error)."""
     data = to_bytes(body)
     items = header_items(headers)
-    if not has_header(items, "Content-Type"):
-        items.append(("Content-Type", "text/plain; charset=utf-8"))
-    items.append(("Content-Length", str(len(data))))
+    if status == 204:  # RFC 9110 15.3.5: no content, so neither its type nor its length
+        data = b""
+    else:
+        if not has_header(items, "Content-Type"):
+            items.append(("Content-Type", "text/plain; charset=utf-8"))
+        items.append(("Content-Length", str(len(data))))
     if close:
         items.append(("Connection", "close"))
     return response_head(status, items) + data
