@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import traceback
 from typing import Any, Callable, Dict, List
 
 import gevent
@@ -34,7 +35,7 @@ from greenchan import (
 )
 from greenchan.stores import decode, encode
 
-from redis_server import redis_server  # noqa: F401  (a fixture)
+from redis_server import REDIS_SERVER, RedisServer, redis_server  # noqa: F401  (a fixture)
 
 TIMEOUT = 10  # seconds, for any single wait
 
@@ -591,7 +592,8 @@ def test_redis_restart_mid_run(redis_server, servers, stores, caplog):
     records = [rec for rec in caplog.records if rec.name == "greenchan.stores"]
     warnings = [rec for rec in records if rec.levelno == logging.WARNING]
     infos = [rec for rec in records if rec.levelno == logging.INFO]
-    assert len(warnings) == 1 and "unreachable" in warnings[0].getMessage()
+    # Its member was being served: the outage is reported as the loss it is.
+    assert len(warnings) == 1 and "lost for this process's members" in warnings[0].getMessage()
     assert len(infos) == 1 and "is back" in infos[0].getMessage()
 
     client.close()
@@ -628,3 +630,213 @@ def test_without_monkey_patching(redis_server, processes):
     assert result.returncode != 0
     assert "RuntimeError: RedisChannelStore needs gevent monkey-patching" in result.stderr
     assert "monkey.patch_all()" in result.stderr
+
+
+# -- issue 10: credentials, message size, rejoin --------------------------------------
+
+PASSWORD = "pw-Sekr1t-9f3"  # distinctive, so a leak anywhere is found by a substring search
+
+
+class PasswordRedis(RedisServer):
+    """A redis-server started with ``--requirepass`` (tests/redis_server.py's, plus the flag)."""
+
+    def __init__(self, password: str) -> None:
+        super().__init__()
+        self.password = password
+
+    def start(self, timeout: float = 10.0) -> "PasswordRedis":
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--requirepass", self.password],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: _answers(self), timeout)
+        return self
+
+    def client(self):
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                           socket_timeout=5, socket_connect_timeout=5)
+
+    def url_with(self, password: str) -> str:
+        return f"redis://:{password}@127.0.0.1:{self.port}/0"
+
+
+def _answers(server: RedisServer) -> bool:
+    assert server.proc.poll() is None, "redis-server exited"
+    try:
+        return bool(server.client().ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def password_redis():
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    server = PasswordRedis(PASSWORD).start()
+    yield server
+    server.stop()
+
+
+def _everything_logged(caplog) -> str:
+    return "\n".join(
+        rec.getMessage() + (rec.exc_text or "") for rec in caplog.records
+    ) + caplog.text
+
+
+def _joined_client(servers, store, group: str = "room") -> websocket.WebSocket:
+    @with_channel
+    def app(channel):
+        store.add_to_group(group, channel)
+        channel.send("joined")
+
+    client = ws(servers(app).port)
+    assert client.recv() == "joined"
+    return client
+
+
+def test_redis_credentials_never_shown(password_redis, servers, stores, caplog):
+    caplog.set_level(logging.DEBUG, logger="greenchan.stores")
+    store = stores("redis", password_redis.url_with(PASSWORD), reconnect_min=0.05, reconnect_max=0.2)
+    assert PASSWORD not in store.url and store.url.startswith("redis://***@127.0.0.1:")
+    client = _joined_client(servers, store)
+    assert store.broadcast("room", "one") == 1
+    assert client.recv() == "one"
+
+    password_redis.kill()
+    errors = []
+    for _ in range(3):
+        with pytest.raises(redis.exceptions.ConnectionError) as info:
+            store.broadcast("room", "during")
+        errors.append("".join(traceback.format_exception(info.type, info.value, info.tb)))
+    password_redis.start()
+
+    def broadcast_succeeds() -> bool:
+        try:
+            return store.broadcast("room", "two") == 1
+        except redis.exceptions.ConnectionError:
+            return False
+
+    wait_until(broadcast_succeeds)
+    assert client.recv() == "two"
+    logged = _everything_logged(caplog)
+    assert "***@127.0.0.1" in logged  # the URL is there, redacted
+    assert PASSWORD not in logged
+    assert not any(PASSWORD in text for text in errors)
+    assert all("***@127.0.0.1" in text for text in errors)
+
+
+@pytest.mark.parametrize("password", ["wrong-Pw-77", None])
+def test_redis_wrong_password_is_a_clear_error(password_redis, password, stores, caplog):
+    caplog.set_level(logging.DEBUG, logger="greenchan.stores")
+    url = password_redis.url_with(password) if password else password_redis.url
+    store = stores("redis", url, reconnect_min=0.01, reconnect_max=0.02)
+    admin = password_redis.client()
+    for _ in range(3):  # every time, not "unreachable": authentication failed
+        with pytest.raises(redis.exceptions.AuthenticationError, match="authentication failed"):
+            store.broadcast("room", "x")
+    # The store keeps trying (a changed password on the server may fix it)...
+    seen = admin.info("stats")["total_connections_received"]
+    wait_until(lambda: admin.info("stats")["total_connections_received"] >= seen + 5)
+    with pytest.raises(redis.exceptions.AuthenticationError, match="check the user and password"):
+        store.broadcast("room", "x")
+    # ...logging it once, as an ERROR, never as an outage, never with the password.
+    records = [rec for rec in caplog.records if rec.name == "greenchan.stores" and rec.levelno >= logging.INFO]
+    assert [(rec.levelno, "authentication failed" in rec.getMessage()) for rec in records] == [(logging.ERROR, True)]
+    assert password is None or password not in _everything_logged(caplog)
+
+    if password:  # the server now takes the store's password: the store recovers by itself
+        admin.config_set("requirepass", password)
+
+        def broadcast_succeeds() -> bool:
+            try:
+                return store.broadcast("room", "x") == 0
+            except redis.exceptions.AuthenticationError:
+                return False
+
+        wait_until(broadcast_succeeds)
+        assert "is back" in caplog.records[-1].getMessage()
+
+
+def test_redis_refuses_a_message_too_large_to_deliver(redis_server, servers, stores, caplog):
+    caplog.set_level(logging.INFO, logger="greenchan.stores")
+    store = stores("redis", redis_server.url)
+    assert store.max_message_size == 1 << 20  # the documented default
+    client = _joined_client(servers, store)
+    for message in ("x" * (1 << 20), b"x" * (1 << 20), {"body": "x" * (1 << 20)}):
+        with pytest.raises(ValueError, match="max_message_size.*reference to the data"):
+            store.broadcast("room", message)
+    at_limit = "y" * ((1 << 20) - 1)  # plus its one tag byte: exactly the limit
+    assert store.broadcast("room", at_limit) == 1
+    assert client.recv() == at_limit
+    assert [rec for rec in caplog.records if rec.levelno >= logging.WARNING] == []
+
+    small = stores("redis", redis_server.url, max_message_size=10)
+    with pytest.raises(ValueError, match=r"11-byte message .* \(10 bytes\)"):
+        small.broadcast("room", "0123456789")
+
+
+def test_redis_subscriber_cut_by_redis_is_reported_as_a_loss(redis_server, servers, stores, caplog):
+    caplog.set_level(logging.INFO, logger="greenchan.stores")
+    # No size check: what Redis does with a 40 MiB message (over its 32 MiB
+    # pub/sub output buffer hard limit) is cut the subscriber.
+    store = stores("redis", redis_server.url, max_message_size=None, reconnect_min=0.05)
+    client = _joined_client(servers, store)
+    assert store.broadcast("room", "x" * (40 << 20)) == 1  # Redis took it...
+
+    def warned() -> List[str]:
+        return [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+
+    wait_until(warned)  # ...and the loss is reported, not passed off as a plain outage
+    (warning,) = warned()
+    assert "lost for this process's members" in warning
+    assert "client-output-buffer-limit" in warning
+
+    def broadcast_succeeds() -> bool:
+        try:
+            return store.broadcast("room", "after") == 1
+        except redis.exceptions.ConnectionError:
+            return False
+
+    wait_until(broadcast_succeeds)
+    assert client.recv() == "after"  # the big one never came
+
+
+@pytest.mark.timeout(60)
+def test_redis_rejoin_right_after_the_last_leave_is_prompt(redis_server, servers, stores):
+    # subscribe_timeout=60: a stall would be the whole minute, far past the bound below.
+    store = stores("redis", redis_server.url, subscribe_timeout=60)
+    channels: gevent.queue.Queue = gevent.queue.Queue()
+
+    @with_channel
+    def app(channel):
+        channel.accept()
+        channels.put(channel)
+
+    server = servers(app)
+    client = ws(server.port)
+    channel = channels.get(timeout=TIMEOUT)
+    store.add_to_group("room", channel)
+    assert store.broadcast("room", "first") == 1
+    assert client.recv() == "first"
+
+    # The last member leaves in the hub, as a close hook run there does: the
+    # UNSUBSCRIBE is deferred to a greenlet. The test greenlet resumes first.
+    waiter = gevent.hub.Waiter()
+
+    def leave_in_hub() -> None:
+        store.remove_from_group("room", channel)
+        waiter.switch(None)
+
+    gevent.get_hub().loop.run_callback(leave_in_hub)
+    waiter.get()
+    assert store.members("room") == {}
+    with gevent.Timeout(TIMEOUT, AssertionError("add_to_group stalled on a confirmation nothing sets")):
+        store.add_to_group("room", channel)  # joined again at once
+    assert store._confirm == {}
+    assert store.broadcast("room", "after rejoin") == 1
+    assert client.recv() == "after rejoin"
+    wait_until(lambda: dict(redis_server.client().pubsub_numsub("greenchan:room")) == {b"greenchan:room": 1})
+    client.close()
+    wait_until(lambda: not store._groups and not store._subscribed)
+    assert_empty(store)
