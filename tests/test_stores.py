@@ -1,4 +1,4 @@
-"""greenchan/stores.py: groups and broadcast, in one process and across processes.
+"""greenchan/stores/: groups and broadcast, in one process and across processes.
 
 Real servers (greenchan's Server, real redis-server processes) and real clients
 (websocket-client, requests, raw sockets); no mocks. Every wait is bounded.

@@ -1,70 +1,23 @@
-"""Groups of channels and broadcast: in one process, or across processes with Redis.
-
-::
-
-    store = MemoryChannelStore()                          # one process
-    store = RedisChannelStore("redis://127.0.0.1:6379/0") # every process sharing that Redis
-
-    @with_channel
-    def room(channel):
-        store.add_to_group("room:1", channel, attachment={"since_ts": 0})
-
-    store.broadcast("room:1", "hello")   # every member, wherever it is connected
-
-Membership is always local to the process: a store holds this process's
-channels, and a channel leaves every group by itself when it closes (a close
-hook, which runs before the user's ``on_close`` and does not replace it). A
-group with no members is forgotten, so nothing is left behind.
-
-A broadcast sends with ``channel.send(message, wait=False)``, which never
-blocks: a member that cannot keep up is left to its own send buffer and closed
-with ``CloseStatus.SLOW_CONSUMER``, and every other member still gets the
-message. A long-polling member gets a complete response and leaves the group
-(its channel is done); streaming, SSE and WebSocket members stay. Members are
-iterated over a snapshot, because a send can close a member and change the group.
-
-``render=fn(channel, attachment, data)`` shapes the message per member (an
-``Event`` for SSE members, a filter by ``since_ts``...); it may return ``None``
-to skip a member.
-
-Greenlets only: a store is not meant to be shared between OS threads.
-
-gevent monkey-patching
-    ``MemoryChannelStore`` does no I/O and works with or without it.
-    ``RedisChannelStore`` needs it (``from gevent import monkey;
-    monkey.patch_all()`` first thing in the program, as gunicorn's gevent
-    workers do): redis-py uses the standard library's blocking sockets and
-    locks, which without patching would stop every connection of the process
-    while one greenlet waits for Redis. It checks and raises ``RuntimeError``
-    with that fix rather than freeze a server.
-"""
+"""``RedisChannelStore``: groups whose broadcasts reach every process sharing a Redis."""
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import re
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Dict, Optional, Set
 from urllib.parse import unquote, urlsplit, urlunsplit
-
-try:  # Python 3.8+: typing has them
-    from typing import Protocol, runtime_checkable
-except ImportError:  # pragma: no cover
-    from typing_extensions import Protocol, runtime_checkable  # type: ignore
 
 import gevent
 import gevent.event
 import gevent.lock
 from gevent.hub import get_hub, getcurrent
 
-from .channel import Channel, Event, check_message
-
-__all__ = ["ChannelStore", "MemoryChannelStore", "RedisChannelStore"]
+from ..channel import Channel
+from .codec import decode, encode
+from .groups import Render, _Groups
 
 log = logging.getLogger("greenchan.stores")
-
-Render = Callable[[Channel, Any, Any], Any]
 
 # A password may also ride in the query string (redis-py reads ?password=).
 _QUERY_SECRET = re.compile(r"(?i)((?:^|&)password=)[^&]*")
@@ -103,205 +56,6 @@ def _secrets(url: str) -> Set[str]:
     found |= {unquote(value) for value in found}
     return {value for value in found if value}
 
-
-@runtime_checkable
-class ChannelStore(Protocol):
-    """What the stores share: groups of channels, each with an attachment."""
-
-    def add_to_group(self, group: str, channel: Channel, attachment: Any = None) -> None:
-        """Put ``channel`` in ``group`` (again: replace its attachment)."""
-
-    def remove_from_group(self, group: str, channel: Channel) -> None:
-        """Take ``channel`` out of ``group``; nothing happens if it is not in it."""
-
-    def broadcast(self, group: str, message: Any) -> int:
-        """Send ``message`` to every member of ``group``."""
-
-    def members(self, group: str) -> Dict[Channel, Any]:
-        """A copy of ``{channel: attachment}`` for this process's members."""
-
-
-class _Groups:
-    """Local membership, shared by both stores: groups, attachments, close hooks."""
-
-    def __init__(self, render: Optional[Render] = None) -> None:
-        if render is not None and not callable(render):
-            raise TypeError("render must be a function render(channel, attachment, data)")
-        self.render = render
-        # group -> {channel: attachment}; a group exists only while it has members.
-        self._groups: Dict[str, Dict[Channel, Any]] = {}
-        # channel -> the groups it is in, so closing leaves them all in one step.
-        self._memberships: Dict[Channel, Set[str]] = {}
-
-    def add_to_group(self, group: str, channel: Channel, attachment: Any = None) -> None:
-        """Put ``channel`` in ``group`` with ``attachment``; it leaves when it closes.
-
-        Adding a channel that is already a member replaces its attachment.
-        Adding a closed channel does nothing.
-        """
-        if not isinstance(group, str):
-            raise TypeError(f"a group name is a str, not {type(group).__name__}")
-        if not channel.is_open:
-            return
-        created = group not in self._groups
-        members = self._groups.setdefault(group, {})
-        members[channel] = attachment
-        groups = self._memberships.get(channel)
-        if groups is None:
-            groups = self._memberships[channel] = set()
-            # One hook per channel and store, whatever the number of groups.
-            channel._add_close_hook(self._channel_closed)
-        groups.add(group)
-        if created:
-            self._group_created(group)
-
-    def remove_from_group(self, group: str, channel: Channel) -> None:
-        """Take ``channel`` out of ``group``; nothing happens if it is not in it."""
-        groups = self._memberships.get(channel)
-        if groups is None or group not in groups:
-            return
-        groups.discard(group)
-        if not groups:
-            del self._memberships[channel]
-            channel._remove_close_hook(self._channel_closed)
-        self._leave(group, channel)
-
-    def members(self, group: str) -> Dict[Channel, Any]:
-        """A copy of ``{channel: attachment}``: the members in this process."""
-        return dict(self._groups.get(group, ()))
-
-    def _channel_closed(self, channel: Channel) -> None:
-        for group in self._memberships.pop(channel, ()):
-            self._leave(group, channel)
-
-    def _leave(self, group: str, channel: Channel) -> None:
-        members = self._groups.get(group)
-        if members is None:
-            return
-        members.pop(channel, None)
-        if not members:
-            del self._groups[group]
-            self._group_removed(group)
-
-    def _group_created(self, group: str) -> None:
-        """The first local member joined ``group``."""
-
-    def _group_removed(self, group: str) -> None:
-        """The last local member left ``group``."""
-
-    def _deliver(self, group: str, data: Any, fn: Optional[Callable[[Channel, Any], Any]] = None) -> int:
-        """Send to each local member of ``group``; the number of sends that went out."""
-        members = self._groups.get(group)
-        if not members:
-            return 0
-        render = self.render
-        sent = 0
-        # A snapshot: a send can close a member (long-polling) and so change the group.
-        for channel, attachment in list(members.items()):
-            try:
-                if fn is not None:
-                    message = fn(channel, attachment)
-                elif render is not None:
-                    message = render(channel, attachment, data)
-                else:
-                    message = data
-                if message is not None and channel.send(message, wait=False):
-                    sent += 1
-            except Exception:
-                log.exception("broadcast to %r in group %r failed", channel, group)
-        return sent
-
-
-class MemoryChannelStore(_Groups):
-    """Groups and broadcast within one process.
-
-    ``render=fn(channel, attachment, data)``, if given, makes each member's
-    message from the broadcast data; returning ``None`` skips that member.
-    Works with or without gevent monkey-patching.
-    """
-
-    def broadcast(self, group: str, message: Any) -> int:
-        """Send ``message`` to every member of ``group``; return how many it reached.
-
-        ``message`` is a ``str``, ``bytes``, response ``dict`` or ``Event``, or a
-        function ``fn(channel, attachment)`` returning one per member (``None``
-        skips the member; ``render`` is not applied then). The count is the
-        number of members whose ``send`` took the message (a closed or cut-off
-        member does not count). It never blocks.
-        """
-        if callable(message):
-            return self._deliver(group, None, message)
-        if self.render is None:
-            check_message(message)
-        return self._deliver(group, message)
-
-
-# -- the wire format of RedisChannelStore --------------------------------------
-#
-# One tag byte, then the payload, so that the common case (text) costs one byte:
-#   b"s" + UTF-8 text                         str
-#   b"b" + the bytes                          bytes, bytearray, memoryview
-#   b"e" + JSON {event,id,retry} + b"\n" + UTF-8 data                 Event
-#   b"d" + JSON {status,headers,body: "s"|"b"|null} + b"\n" + body    response dict
-# Compact JSON never contains a raw newline, so the first b"\n" ends it.
-
-_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
-def encode(message: Any) -> bytes:
-    """The bytes a ``RedisChannelStore`` publishes for ``message``."""
-    if isinstance(message, str):
-        return b"s" + message.encode()
-    if isinstance(message, (bytes, bytearray, memoryview)):
-        return b"b" + bytes(message)
-    if isinstance(message, Event):
-        fields = {k: getattr(message, k) for k in ("event", "id", "retry") if getattr(message, k) is not None}
-        return b"e" + _JSON.encode(fields).encode() + b"\n" + message.data.encode()
-    if isinstance(message, dict):
-        check_message(message)
-        body = message.get("body")
-        meta: Dict[str, Any] = {}
-        if "status" in message:
-            meta["status"] = int(message["status"])
-        headers = message.get("headers")
-        if headers is not None:
-            items = headers.items() if hasattr(headers, "items") else headers
-            meta["headers"] = [[str(k), str(v)] for k, v in items]
-        if isinstance(body, str):
-            meta["body"], raw = "s", body.encode()
-        elif body is not None:
-            meta["body"], raw = "b", bytes(body)
-        else:
-            raw = b""
-        return b"d" + _JSON.encode(meta).encode() + b"\n" + raw
-    check_message(message)  # raises the TypeError that says what can be sent
-    raise TypeError(f"cannot broadcast {type(message).__name__}")  # pragma: no cover
-
-
-def decode(payload: bytes) -> Any:
-    """The message ``encode`` made ``payload`` from."""
-    tag, rest = payload[:1], payload[1:]
-    if tag == b"s":
-        return rest.decode()
-    if tag == b"b":
-        return bytes(rest)
-    head, _, raw = rest.partition(b"\n")
-    meta = json.loads(head)
-    if tag == b"e":
-        return Event(raw.decode(), event=meta.get("event"), id=meta.get("id"), retry=meta.get("retry"))
-    if tag == b"d":
-        message: Dict[str, Any] = {}
-        if "status" in meta:
-            message["status"] = meta["status"]
-        if "headers" in meta:
-            message["headers"] = [tuple(pair) for pair in meta["headers"]]
-        kind = meta.get("body")
-        if kind == "s":
-            message["body"] = raw.decode()
-        elif kind == "b":
-            message["body"] = bytes(raw)
-        return message
-    raise ValueError(f"unknown greenchan message tag {tag!r}")
 
 
 class RedisChannelStore(_Groups):

@@ -1,0 +1,126 @@
+"""What both stores share: the ``ChannelStore`` protocol and this process's membership.
+
+Membership is always local to the process: a store holds this process's
+channels, and a channel leaves every group by itself when it closes (a close
+hook, which runs before the user's ``on_close`` and does not replace it). A
+group with no members is forgotten, so nothing is left behind.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, Optional, Protocol, Set, runtime_checkable
+
+from ..channel import Channel
+
+log = logging.getLogger("greenchan.stores")
+
+Render = Callable[[Channel, Any, Any], Any]
+
+
+@runtime_checkable
+class ChannelStore(Protocol):
+    """What the stores share: groups of channels, each with an attachment."""
+
+    def add_to_group(self, group: str, channel: Channel, attachment: Any = None) -> None:
+        """Put ``channel`` in ``group`` (again: replace its attachment)."""
+
+    def remove_from_group(self, group: str, channel: Channel) -> None:
+        """Take ``channel`` out of ``group``; nothing happens if it is not in it."""
+
+    def broadcast(self, group: str, message: Any) -> int:
+        """Send ``message`` to every member of ``group``."""
+
+    def members(self, group: str) -> Dict[Channel, Any]:
+        """A copy of ``{channel: attachment}`` for this process's members."""
+
+
+class _Groups:
+    """Local membership, shared by both stores: groups, attachments, close hooks."""
+
+    def __init__(self, render: Optional[Render] = None) -> None:
+        if render is not None and not callable(render):
+            raise TypeError("render must be a function render(channel, attachment, data)")
+        self.render = render
+        # group -> {channel: attachment}; a group exists only while it has members.
+        self._groups: Dict[str, Dict[Channel, Any]] = {}
+        # channel -> the groups it is in, so closing leaves them all in one step.
+        self._memberships: Dict[Channel, Set[str]] = {}
+
+    def add_to_group(self, group: str, channel: Channel, attachment: Any = None) -> None:
+        """Put ``channel`` in ``group`` with ``attachment``; it leaves when it closes.
+
+        Adding a channel that is already a member replaces its attachment.
+        Adding a closed channel does nothing.
+        """
+        if not isinstance(group, str):
+            raise TypeError(f"a group name is a str, not {type(group).__name__}")
+        if not channel.is_open:
+            return
+        created = group not in self._groups
+        members = self._groups.setdefault(group, {})
+        members[channel] = attachment
+        groups = self._memberships.get(channel)
+        if groups is None:
+            groups = self._memberships[channel] = set()
+            # One hook per channel and store, whatever the number of groups.
+            channel._add_close_hook(self._channel_closed)
+        groups.add(group)
+        if created:
+            self._group_created(group)
+
+    def remove_from_group(self, group: str, channel: Channel) -> None:
+        """Take ``channel`` out of ``group``; nothing happens if it is not in it."""
+        groups = self._memberships.get(channel)
+        if groups is None or group not in groups:
+            return
+        groups.discard(group)
+        if not groups:
+            del self._memberships[channel]
+            channel._remove_close_hook(self._channel_closed)
+        self._leave(group, channel)
+
+    def members(self, group: str) -> Dict[Channel, Any]:
+        """A copy of ``{channel: attachment}``: the members in this process."""
+        return dict(self._groups.get(group, ()))
+
+    def _channel_closed(self, channel: Channel) -> None:
+        for group in self._memberships.pop(channel, ()):
+            self._leave(group, channel)
+
+    def _leave(self, group: str, channel: Channel) -> None:
+        members = self._groups.get(group)
+        if members is None:
+            return
+        members.pop(channel, None)
+        if not members:
+            del self._groups[group]
+            self._group_removed(group)
+
+    def _group_created(self, group: str) -> None:
+        """The first local member joined ``group``."""
+
+    def _group_removed(self, group: str) -> None:
+        """The last local member left ``group``."""
+
+    def _deliver(self, group: str, data: Any, fn: Optional[Callable[[Channel, Any], Any]] = None) -> int:
+        """Send to each local member of ``group``; the number of sends that went out."""
+        members = self._groups.get(group)
+        if not members:
+            return 0
+        render = self.render
+        sent = 0
+        # A snapshot: a send can close a member (long-polling) and so change the group.
+        for channel, attachment in list(members.items()):
+            try:
+                if fn is not None:
+                    message = fn(channel, attachment)
+                elif render is not None:
+                    message = render(channel, attachment, data)
+                else:
+                    message = data
+                if message is not None and channel.send(message, wait=False):
+                    sent += 1
+            except Exception:
+                log.exception("broadcast to %r in group %r failed", channel, group)
+        return sent
+
