@@ -108,29 +108,58 @@ class Connection:
             if self._reader is not None:
                 self._reader.start(self._on_readable)
 
-    def watch_hangup(self, on_hangup: Callable[[], Any]) -> None:
-        """Call ``on_hangup`` in the hub if the peer closes, without reading its data.
+    def watch_hangup(
+        self,
+        on_hangup: Callable[[], Any],
+        buffered: bytes = b"",
+        limit: Optional[int] = None,
+        on_overflow: Optional[Callable[[], Any]] = None,
+    ) -> Callable[[], bytes]:
+        """Call ``on_hangup`` in the hub when the peer closes or resets; keep what it sends.
 
         An HTTP channel waiting for something to send has nothing to read, but
         must notice at once when its client goes away (API.md: ``on_close`` with
-        ``CLIENT_CLOSE``). Input that is not EOF (a pipelined request) is left for
-        pywsgi, and the watch ends.
+        ``CLIENT_CLOSE``). A client may send more after its request (a pipelined
+        request, a stray CRLF): those bytes are read and kept, after
+        ``buffered``, so that the EOF or reset behind them is still seen. Past
+        ``limit`` bytes kept the watch stops and ``on_overflow()`` runs (the
+        transport closes such a client: a hang-up hidden behind unread input
+        would go unnoticed).
+
+        Returns ``take()``: it ends the watch and returns the bytes kept, for the
+        next request on the connection.
         """
+        kept = bytearray(buffered)
+        raw = self._raw
 
         def on_readable() -> None:
+            room = RECV_SIZE if limit is None else min(RECV_SIZE, max(limit - len(kept), 0) + 1)
             try:
-                data = self._raw.recv(1, socket.MSG_PEEK)
+                data = raw.recv(room)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 data = b""
-            self.stop_reading()
             if not data:
+                self.stop_reading()
                 on_hangup()
+                return
+            kept.extend(data)
+            if limit is not None and len(kept) > limit:
+                self.stop_reading()
+                if on_overflow is not None:
+                    on_overflow()
+
+        def take() -> bytes:
+            self.stop_reading()
+            data = bytes(kept)
+            kept.clear()
+            return data
 
         if self._reader is None:
-            self._reader = get_hub().loop.io(self._raw.fileno(), 1)
+            self._reader = get_hub().loop.io(raw.fileno(), 1)
         self._reader.start(on_readable)
+        return take
 
     def release(self) -> None:
         """Stop every watcher but keep the socket open (pywsgi reads on)."""

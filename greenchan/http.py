@@ -10,7 +10,7 @@ notices a client that goes away, so ``on_close`` runs without polling.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from gevent.hub import Waiter
 
@@ -62,7 +62,7 @@ def body_message(environ: dict, body: bytes) -> Any:
 class HttpTransport:
     """Carries one channel over one HTTP response; created by ``with_channel``."""
 
-    __slots__ = ("channel", "handler", "server", "options", "conn", "started", "_chunked", "_close_delimited", "_keep_alive", "_waiter", "_head")
+    __slots__ = ("channel", "handler", "server", "options", "conn", "started", "_chunked", "_close_delimited", "_keep_alive", "_waiter", "_head", "_take_input")
 
     def __init__(self, environ: dict, handler: Any, server: Any, options: Options) -> None:
         self.handler = handler
@@ -78,11 +78,22 @@ class HttpTransport:
         self._keep_alive = not handler.close_connection and version == "HTTP/1.1"
         self._head = environ.get("REQUEST_METHOD") == "HEAD"
         self._waiter: Optional[Waiter] = None
+        self._take_input: Optional[Callable[[], bytes]] = None
         self.channel: Channel = None  # type: ignore[assignment]
 
     def watch(self) -> None:
-        """Notice at once when the client hangs up, while the channel is open."""
-        self.conn.watch_hangup(self._hangup)
+        """Notice at once when the client hangs up, while the channel is open.
+
+        Whatever the client sends meanwhile (a pipelined request) is kept, up to
+        ``max_header_size`` bytes, and handed back to the request parser when the
+        response is complete. A client that sends more while its response is
+        pending is closed (``PROTOCOL_ERROR``): reading no further would hide its
+        hang-up behind the unread bytes, and buffering more would let one client
+        grow the server's memory.
+        """
+        self._take_input = self.conn.watch_hangup(
+            self._hangup, self.handler.take_buffered(), self.options.max_header_size, self._overflow
+        )
 
     def accept_now(self, subprotocol: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> None:
         """Nothing to accept on HTTP: the channel is open from the start."""
@@ -195,6 +206,12 @@ class HttpTransport:
         if self._waiter is not None:
             _wake(self._waiter)
 
+    def _overflow(self) -> None:
+        log.info("%r: client sent more than %d bytes while its response was pending: closing",
+                 self.channel, self.options.max_header_size)
+        self.channel._finish(CloseStatus.PROTOCOL_ERROR)
+        self.conn.abort()
+
     def _slow(self) -> None:
         log.warning("%r: client not reading, closing as slow consumer", self.channel)
         self.channel._finish(CloseStatus.SLOW_CONSUMER)
@@ -215,9 +232,15 @@ class HttpTransport:
         environ = self.handler.environ
         if not conn.closed and not conn.flush(self.options.send_timeout):
             conn.abort()
+        take, self._take_input = self._take_input, None
+        pending = take() if take is not None else b""
         # The response is written: pywsgi reads the next request on this
-        # connection, or closes it (after a close-delimited or failed response).
-        environ[RESPONDED_KEY] = "keep-alive" if self._keep_alive and not conn.closed else "close"
+        # connection (what the client sent meanwhile first), or closes it
+        # (after a close-delimited or failed response).
+        keep_alive = self._keep_alive and not conn.closed
+        environ[RESPONDED_KEY] = "keep-alive" if keep_alive else "close"
         if not conn.closed:
             conn.release()
+        if keep_alive:
+            self.handler.push_back(pending)
         self.server._unregister(self.channel)

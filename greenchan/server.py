@@ -8,13 +8,13 @@ limit, and a registry of open channels so ``stop()`` can close each one.
 """
 from __future__ import annotations
 
-import email.parser
 import errno
+import io
 import logging
 import signal
 import socket
 import time
-from typing import Any, Callable, Optional, Set
+from typing import Any, Callable, Optional, Set, Union
 
 import gevent
 from gevent import pywsgi
@@ -23,6 +23,7 @@ from gevent.pool import Pool
 from gevent.timeout import Timeout
 
 from .options import Options
+from .request import MAX_EMPTY_LINES, BadRequest, Body, parse_headers, parse_request_line
 
 __all__ = ["Server", "run_server"]
 
@@ -42,25 +43,39 @@ _UNAVAILABLE = (
 )
 
 
-_BAD_REQUEST = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: 12\r\nConnection: close\r\n\r\nBad request\n"
-)
-_HEADERS_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: 32\r\nConnection: close\r\n\r\nRequest header fields too large\n"
-)
+def _error_response(status: int, text: str) -> bytes:
+    body = text.encode() + b"\n"
+    return (
+        b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (status, text.encode(), len(body), body)
+    )
+
+
+# The answers to requests that cannot be parsed (see request.py for which gets which).
+_ERRORS = {
+    400: _error_response(400, "Bad Request"),
+    414: _error_response(414, "URI Too Long"),
+    431: _error_response(431, "Request Header Fields Too Large"),
+    501: _error_response(501, "Not Implemented"),
+    505: _error_response(505, "HTTP Version Not Supported"),
+}
 
 # At most this many request header lines, as http.client allows; past it
 # pywsgi printed a traceback, greenchan answers 431.
 MAX_HEADERS = 100
 
-# After an error response (400, 414, 431), how long and how much of the
-# client's unread input is discarded before the socket closes: closing with
-# unread input makes the kernel send a reset, which can destroy the response
-# before the client reads it. Bounded so that junk cannot hold a greenlet.
+# When a connection closes after a response (every error response, and any
+# response that ends its connection), how long and how much of the client's
+# unread input is discarded after our FIN: closing with unread input makes the
+# kernel send a reset, which can destroy the response before the client reads
+# it. Bounded so that junk cannot hold a greenlet.
 _LINGER_SECONDS = 1.0
 _LINGER_BYTES = 1 << 20
+
+# A request body the application left unread is read and dropped, so the next
+# request on the connection can be parsed, up to this many bytes (within
+# handshake_timeout); a larger rest closes the connection instead.
+_DISCARD_BYTES = 64 << 10
 
 # accept() errors that mean "out of descriptors or memory for now": the
 # accept loop pauses and retries instead of logging a traceback per attempt.
@@ -77,7 +92,8 @@ class _HeadersTooLarge(ValueError):
 
 
 class Handler(pywsgi.WSGIHandler):
-    """pywsgi's handler, with the socket exposed so a channel can take it over."""
+    """pywsgi's handler with a strict request parser (request.py), graceful closes,
+    and the socket exposed so a channel can take it over."""
 
     # pywsgi's attributes, typed here for mypy (None once the handler is done).
     socket: Any
@@ -87,6 +103,9 @@ class Handler(pywsgi.WSGIHandler):
     # True while waiting for a request line: an idle keep-alive connection,
     # which stop() may cut at once.
     _idle = False
+    # The current request's body (its framing errors decide the answer).
+    _body: Optional[Body] = None
+    _chunked = False
 
     def handle(self) -> None:
         server: "Server" = self.server.greenchan
@@ -95,23 +114,54 @@ class Handler(pywsgi.WSGIHandler):
         except (OSError, AttributeError):
             pass
         if not server._admit():
-            try:
-                self.socket.sendall(_UNAVAILABLE)
-                self.socket.close()
-            except OSError:
-                pass
+            _close_gracefully(self.socket, _UNAVAILABLE)
+            self.socket = None
             return
         self._greenlet = gevent.getcurrent()
         server._handlers.add(self)
+        graceful = False
         try:
-            super().handle()
+            self._serve()
+            graceful = True
         except _HeaderDeadline:
             log.debug("closing %s: request headers not received in time", self.client_address)
         finally:
             self._cancel_deadline()
+            sock = self.socket
+            if sock is not None:
+                if graceful:
+                    _close_gracefully(sock)
+                else:
+                    _close(sock)
+            # pywsgi's handler drops these at the end too: they hold buffers.
+            for name in ("socket", "rfile", "wsgi_input", "_body"):
+                self.__dict__.pop(name, None)
             server._handlers.discard(self)
             if not self._detached:
                 server._release()
+
+    def _serve(self) -> None:
+        """pywsgi's keep-alive loop, minus its close: ``handle`` closes gracefully."""
+        while self.socket is not None:
+            self.time_start = time.time()
+            self.time_finish = 0
+            result = self.handle_one_request()
+            if result is None:
+                break
+            if result is True:
+                continue
+            # A request we could not parse: answer, and the connection ends.
+            self._cancel_deadline()
+            self.status, response = result
+            try:
+                self.socket.sendall(response)
+            except OSError:
+                pass
+            self.time_finish = time.time()
+            self.log_request()
+            break
+
+    # -- reading a request -------------------------------------------------------
 
     def read_requestline(self) -> str:
         timeout = self.server.greenchan.options.handshake_timeout
@@ -119,70 +169,71 @@ class Handler(pywsgi.WSGIHandler):
             self._deadline = _HeaderDeadline.start_new(timeout)
         self._idle = True
         try:
-            return super().read_requestline()
+            rfile = self.rfile
+            line = rfile.readline(pywsgi.MAX_REQUEST_LINE)
+            # RFC 9112 2.2: ignore empty lines before a request line (a client's
+            # stray CRLF after a body, a pipelined extra line).
+            for _ in range(MAX_EMPTY_LINES):
+                if line != b"\r\n":
+                    break
+                self._idle = False
+                line = rfile.readline(pywsgi.MAX_REQUEST_LINE)
+            return line.decode("latin-1")
         finally:
             self._idle = False
 
     def read_request(self, raw_requestline: str) -> bool:
-        # pywsgi takes "GET /" as HTTP/0.9 and then waits for headers that an
-        # HTTP/0.9 client never sends; nothing speaks HTTP/0.9 any more: 400.
-        if len(raw_requestline.split()) == 2:
-            raise ValueError(f"HTTP/0.9 request line {raw_requestline.strip()[:100]!r}")
-        return super().read_request(raw_requestline)
+        """Parse the request strictly (request.py); raise ``BadRequest`` and kin."""
+        self.requestline = raw_requestline.rstrip("\r\n")
+        self._body = None
+        # The line first: a client that sent junk (or HTTP/0.9) gets its 400
+        # without the server waiting for headers that will not come.
+        method, target, version = parse_request_line(raw_requestline)
+        self.command, self.path, self.request_version = method, target, version
+        request = parse_headers(method, target, version, self._read_head())
+        self.headers = request.headers
+        self.content_length = request.content_length
+        self._chunked = request.chunked
+        self.close_connection = not request.keep_alive
+        return True
 
-    def MessageClass(self, fp: Any, *args: Any) -> Any:
-        """Read the request headers within ``max_header_size`` and ``MAX_HEADERS``.
-
-        pywsgi (through ``http.client``) reads up to 100 lines of 64 KiB each, and
-        prints a traceback past 100 lines; the whole block is bounded here instead.
-        """
+    def _read_head(self) -> str:
+        """The header lines, within ``max_header_size`` bytes and ``MAX_HEADERS`` lines."""
         limit = self.server.greenchan.options.max_header_size
+        readline = self.rfile.readline
         lines = []
         size = 0
         while True:
-            line = fp.readline(limit - size + 1)
+            line = readline(limit - size + 1)
             size += len(line)
             if size > limit:
                 raise _HeadersTooLarge(f"request headers larger than {limit} bytes")
-            if line in (b"\r\n", b"\n", b""):
+            if line == b"\r\n":
                 break
+            if not line.endswith(b"\n"):
+                raise BadRequest("connection closed inside the request head")
             lines.append(line)
             if len(lines) > MAX_HEADERS:
                 raise _HeadersTooLarge(f"more than {MAX_HEADERS} request headers")
-        text = b"".join(lines).decode("iso-8859-1")
-        return email.parser.Parser(_class=pywsgi.OldMessage).parsestr(text)
+        return b"".join(lines).decode("latin-1")
 
     def _handle_client_error(self, ex: Exception) -> tuple:
         """A malformed request is the client's problem: answer it, log below ERROR."""
         if isinstance(ex, _HeadersTooLarge):
             log.info("431 to %s: %s", self.client_address, ex)
-            return ("431", _HEADERS_TOO_LARGE)
-        log.debug("400 to %s: %s", self.client_address, ex)
-        return ("400", _BAD_REQUEST)
+            return ("431", _ERRORS[431])
+        status = ex.status if isinstance(ex, BadRequest) else 400
+        log.debug("%d to %s: %s", status, self.client_address, ex)
+        return (str(status), _ERRORS[status])
 
-    def handle_one_request(self) -> Any:
-        result = super().handle_one_request()
-        if isinstance(result, tuple):  # an error response for a request we could not parse
-            self._cancel_deadline()
-            self.status = result[0]
-            self._answer_and_linger(result[1])
-            return None
-        return result
-
-    def _answer_and_linger(self, response: bytes) -> None:
-        sock = self.socket
-        try:
-            sock.sendall(response)
-            sock.shutdown(socket.SHUT_WR)
-            drained = 0
-            with Timeout(_LINGER_SECONDS, False):
-                while drained < _LINGER_BYTES:
-                    data = sock.recv(65536)
-                    if not data:
-                        break
-                    drained += len(data)
-        except OSError:
-            pass
+    def _headers(self) -> Any:
+        """The request headers as environ items (pywsgi's rules: no names with "_")."""
+        for name, value in self.headers:
+            if "_" in name:
+                continue  # HTTP_X_Y would be ambiguous between "X-Y" and "X_Y"
+            key = name.upper().replace("-", "_")
+            if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+                yield "HTTP_" + key, value
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -200,26 +251,77 @@ class Handler(pywsgi.WSGIHandler):
         upgrade = env.get("HTTP_UPGRADE", "")
         if upgrade.lower() == "websocket":
             env[UPGRADE_KEY] = env.pop("HTTP_UPGRADE")
+        expect = env.get("HTTP_EXPECT", "").lower() == "100-continue"
+        self._body = self.wsgi_input = env["wsgi.input"] = Body(
+            self.rfile,
+            self.content_length,
+            self._chunked,
+            self.socket.sendall if expect else None,
+            self.server.greenchan.options.max_header_size,
+        )
+        env["wsgi.input_terminated"] = True
         return env
+
+    # -- running the application ---------------------------------------------------
 
     def run_application(self) -> None:
         env = self.environ
+        finished = False
         try:
-            self.result = self.application(env, self.start_response)
-            if not env.get(RESPONDED_KEY):
-                self.process_result()
+            try:
+                self.result = self.application(env, self.start_response)
+                if not env.get(RESPONDED_KEY) and self._input_error() is None:
+                    self.process_result()
+            except Exception:
+                # A body with broken framing is answered 400 below, whatever the
+                # application (or a framework around it) made of the error.
+                if self._input_error() is None:
+                    raise
+            finally:
+                close = getattr(self.result, "close", None)
+                self.result = None
+                if close is not None:
+                    close()
+            finished = True
         finally:
-            close = getattr(self.result, "close", None)
-            self.result = None
-            if close is not None:
-                close()
-        if env.get(RESPONDED_KEY):
+            self._end_request(env, finished)
+
+    def _end_request(self, env: dict, finished: bool) -> None:
+        """Decide whether the connection can carry another request."""
+        error = self._input_error()
+        if error is not None:
+            log.debug("%d to %s: %s", error.status, self.client_address, error)
+            if not self.headers_sent and not env.get(RESPONDED_KEY):
+                self.status = str(error.status)
+                answer_and_close(self, _ERRORS[error.status])
+            self.close_connection = True
+        elif env.get(RESPONDED_KEY):
             self.close_connection = self.close_connection or env[RESPONDED_KEY] == "close"
-        if self.close_connection:
-            # pywsgi would now read and discard the rest of the request body, with
-            # no limit and no deadline (a 413 for "Content-Length: 10**20" would
-            # wait for all of it); the connection closes, so there is no need.
-            self.wsgi_input = _NO_INPUT
+        if finished and not self.close_connection:
+            self._discard_body()
+        # pywsgi would now read and discard the rest of the request body, with no
+        # limit and no deadline (a 413 for "Content-Length: 10**20" would wait for
+        # all of it); _discard_body did what is reasonable, or the connection closes.
+        self.wsgi_input = _NO_INPUT
+
+    def _input_error(self) -> Optional[BadRequest]:
+        body = self._body
+        return body.error if body is not None else None
+
+    def _discard_body(self) -> None:
+        """Read what the application left of the body, so the next request parses."""
+        body = self._body
+        if body is None or body.done:
+            return
+        drained = 0
+        try:
+            with Timeout(self.server.greenchan.options.handshake_timeout, False):
+                while not body.done and drained <= _DISCARD_BYTES:
+                    drained += len(body.read(16384))
+        except (BadRequest, OSError):
+            pass
+        if not body.done:
+            self.close_connection = True
 
     def detach(self) -> Any:
         """Give up the socket: pywsgi will neither read nor close it again."""
@@ -229,6 +331,8 @@ class Handler(pywsgi.WSGIHandler):
         self.environ[RESPONDED_KEY] = "close"
         self.socket = None
         return sock
+
+    # -- input that a channel read ahead -----------------------------------------
 
     def buffered_input(self) -> bytes:
         """Bytes already read from the socket into pywsgi's buffer, not yet parsed."""
@@ -249,9 +353,121 @@ class Handler(pywsgi.WSGIHandler):
             sock.settimeout(old)
         return b"".join(chunks)
 
+    def take_buffered(self) -> bytes:
+        """What pywsgi's read buffer holds past the request, taken out of it.
+
+        The hang-up watch of an HTTP channel reads the socket from here on; it
+        starts with these bytes so that ``push_back`` returns everything in order.
+        At most one non-blocking read of the socket happens (when the buffer is
+        empty), so this is bounded.
+        """
+        sock = self.socket
+        rfile = self.rfile
+        old = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            data = rfile.read1(65536) or b""
+        except OSError:
+            data = b""
+        finally:
+            sock.settimeout(old)
+        replay = getattr(rfile, "raw", None)
+        if isinstance(replay, _Replay) and replay._data:  # pushed back earlier, still unread
+            data, replay._data = data + replay._data, b""
+        return data
+
+    def push_back(self, data: bytes) -> None:
+        """Make ``data`` the next bytes the request parser reads, before the socket's.
+
+        ``take_buffered`` emptied pywsgi's buffer first, so nothing read earlier
+        is left behind ``data``.
+        """
+        if data:
+            self.rfile = io.BufferedReader(_Replay(data, self.rfile))
+
     def log_request(self) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s", self.format_request())
+
+
+class _Replay(io.RawIOBase):
+    """A raw stream that returns some bytes already read, then the socket's."""
+
+    def __init__(self, data: bytes, rfile: Any) -> None:
+        super().__init__()
+        self._data = data
+        # The socket's original buffered reader, kept alive (when it is collected
+        # it closes the SocketIO under it); its buffer is empty, its raw is read.
+        # take_buffered emptied an earlier _Replay: chain to its reader, not to it.
+        replay = getattr(rfile, "raw", None)
+        self._rfile = replay._rfile if isinstance(replay, _Replay) else rfile
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> Optional[int]:
+        data = self._data
+        if data:
+            n = min(len(buffer), len(data))
+            buffer[:n] = data[:n]
+            self._data = data[n:]
+            return n
+        return self._rfile.raw.readinto(buffer)
+
+
+def answer_and_close(target: Union[dict, "Handler"], response: bytes) -> None:
+    """Write a complete error response (403, 408, 413...) and end the connection.
+
+    ``target`` is the request's environ or pywsgi handler. The application's
+    response is dropped, the unread request body is not drained, and when the
+    application returns the connection closes gracefully: FIN after the
+    response, then the client's input is read and dropped (bounded) until it
+    closes too, so the client reads the response even if it was still sending.
+    """
+    handler = target.get(HANDLER_KEY) if isinstance(target, dict) else target
+    if handler is None or handler.socket is None:
+        return
+    handler.environ[RESPONDED_KEY] = "close"
+    handler.close_connection = True
+    try:
+        handler.socket.sendall(response)
+    except OSError:
+        pass
+
+
+def _close_gracefully(sock: Any, response: bytes = b"") -> None:
+    """Send ``response``, then FIN; drain the client's input (bounded); close.
+
+    The one way every connection that answered something ends: closing with
+    unread input makes the kernel reset the connection, which can destroy the
+    response before the client reads it.
+    """
+    try:
+        if response:
+            sock.sendall(response)
+        sock.shutdown(socket.SHUT_WR)
+        drained = 0
+        with Timeout(_LINGER_SECONDS, False):
+            while drained < _LINGER_BYTES:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                drained += len(data)
+    except OSError:
+        pass
+    _close(sock)
+
+
+def _close(sock: Any) -> None:
+    # The real socket first: pywsgi's buffered reader holds a reference that
+    # would keep gevent's wrapper from closing it.
+    try:
+        raw = getattr(sock, "_sock", None)
+        if raw is not None:
+            raw.close()
+        sock.close()
+    except OSError:
+        pass
 
 
 class _NoInput:
