@@ -21,10 +21,13 @@ import enum
 import logging
 import re
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Union
+from urllib.parse import parse_qs
 
 import gevent
 from gevent.hub import Waiter, get_hub, getcurrent
 from gevent.timeout import Timeout
+
+from .wire import header_items
 
 __all__ = ["Channel", "ChannelClosed", "CloseStatus", "Event", "Message"]
 
@@ -143,6 +146,17 @@ def check_message(data: Any) -> None:
     raise TypeError(
         f"cannot send {type(data).__name__}: send str, bytes, a response dict or an Event"
     )
+
+
+def _text(message: Any) -> str:
+    """The text of a message, for a wire that carries only text (SSE)."""
+    if isinstance(message, dict):
+        message = message.get("body")
+    if message is None:
+        return ""
+    if isinstance(message, str):
+        return message
+    return bytes(message).decode("utf-8", "replace")
 
 
 def run_handler(channel: "Channel", handler: Callable[..., Any], args: tuple, kwargs: dict) -> None:
@@ -355,10 +369,97 @@ class Channel:
             raise RuntimeError("reject() must come before the response or handshake starts")
         self._transport.reject(status, body, headers)
 
+    @property
+    def transport(self) -> str:
+        """``"websocket"``, ``"sse"``, ``"longpoll"`` or ``"stream"``: the one in use now."""
+        kind = getattr(self._transport, "kind", None)
+        if kind is not None:
+            return kind
+        return "websocket" if self.is_websocket else "longpoll"
+
+    @property
+    def session(self) -> Optional[str]:
+        """The client id of a session channel (greenchan.js's ``gc_cid``), else None."""
+        return getattr(self._transport, "cid", None)
+
+    @property
+    def last_event_id(self) -> Optional[str]:
+        """The id the client says it last received: ``Last-Event-ID``, else ``gc_last``.
+
+        What ``add_to_group(..., since=channel.last_event_id)`` resumes from; a
+        greenchan.js client in several groups sends one id per group.
+        """
+        value = self.environ.get("HTTP_LAST_EVENT_ID")
+        if value:
+            return value
+        query = self.environ.get("QUERY_STRING", "")
+        if "gc_last=" in query:
+            values = parse_qs(query).get("gc_last")
+            if values and values[-1]:
+                return values[-1]
+        return None
+
     def __repr__(self) -> str:
         kind = "websocket" if self.is_websocket else "http"
         path = self.environ.get("PATH_INFO", "")
         return f"<Channel {kind} {path} {self._state}>"
+
+    # -- the stores' side (history) ------------------------------------------
+
+    def _send_tagged(self, message: Any, group: str, msg_id: str) -> bool:
+        """Send a message of a group with history, with its id where the wire has room.
+
+        An SSE client gets it as an ``Event`` with that ``id`` (a plain
+        ``EventSource`` then resumes by itself), a long-poll client in the
+        ``Greenchan-Event-Id`` header, a session (greenchan.js) in a frame of its
+        own; a plain WebSocket gets the message unchanged. Never blocks.
+        """
+        if self._state is CLOSED:
+            return False
+        tagged = getattr(self._transport, "send_tagged", None)
+        if tagged is not None:
+            return tagged(message, group, msg_id)
+        kind = self.transport
+        if kind == "sse" or (kind == "longpoll" and self._wants_sse()):
+            if isinstance(message, Event):
+                message = Event(message.data, event=message.event, id=msg_id, retry=message.retry)
+            else:
+                message = Event(_text(message), id=msg_id)
+        elif kind == "longpoll":
+            if isinstance(message, Event):
+                message = message.data
+            if isinstance(message, dict):
+                headers = list(header_items(message.get("headers")))
+                message = dict(message, headers=headers + [("Greenchan-Event-Id", msg_id)])
+            else:
+                message = {"headers": [("Greenchan-Event-Id", msg_id)], "body": message}
+        return self.send(message, wait=False)
+
+    def _position(self, group: str, position: Optional[str]) -> None:
+        """Tell the client where ``group`` stands as it joins, so that a client that
+        has received nothing yet can still resume from there."""
+        if position is None or self._state is CLOSED:
+            return
+        control = getattr(self._transport, "control", None)
+        if control is not None:
+            control({"pos": [group, position]})
+        elif self.transport == "sse" or (self.transport == "longpoll" and self._wants_sse()):
+            # An event with an id and no data: EventSource keeps the id, dispatches nothing.
+            line = b"id: %s\n\n" % position.encode()
+            if self._transport.started:
+                self.send(line, wait=False)
+            else:
+                headers = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
+                self.send({"headers": headers, "body": line}, close=False, wait=False)
+
+    def _resumed(self, group: str, recovered: bool) -> None:
+        """Tell a session's client whether ``group`` resumed without a gap (``onresume``)."""
+        control = getattr(self._transport, "control", None)
+        if control is not None and self._state is not CLOSED:
+            control({"resume": [group, recovered]})
+
+    def _wants_sse(self) -> bool:
+        return not self._transport.started and "text/event-stream" in self.environ.get("HTTP_ACCEPT", "")
 
     # -- the transport's side ---------------------------------------------
 

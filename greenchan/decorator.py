@@ -14,6 +14,7 @@ from .http import HttpTransport, body_message, has_body, read_body
 from .options import ROUTE_OPTIONS
 from .server import HANDLER_KEY, RESPONDED_KEY, SERVER_KEY
 from .origin import check_origin
+from .sessions import serve as serve_session, session_params
 from .websocket import WebSocketTransport, wants_upgrade
 from .wire import http_response
 
@@ -118,7 +119,11 @@ def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, 
     server._register(channel)
     if not channel.is_websocket:
         transport.watch()
-    run_handler(channel, handler, args, kwargs)
+    params = session_params(environ)
+    if params is None:
+        run_handler(channel, handler, args, kwargs)
+    else:  # a greenchan.js session: this request carries it (sessions.py)
+        run_handler(channel, serve_session, (handler, server, options, params, args, kwargs), {})
     if channel.is_websocket:
         if channel.is_open:
             transport.accept_now()

@@ -62,7 +62,7 @@ def body_message(environ: dict, body: bytes) -> Any:
 class HttpTransport:
     """Carries one channel over one HTTP response; created by ``with_channel``."""
 
-    __slots__ = ("channel", "handler", "server", "options", "conn", "started", "_chunked", "_close_delimited", "_keep_alive", "_waiter", "_head", "_take_input")
+    __slots__ = ("channel", "handler", "server", "options", "conn", "started", "_chunked", "_close_delimited", "_keep_alive", "_waiter", "_head", "_take_input", "_sse")
 
     def __init__(self, environ: dict, handler: Any, server: Any, options: Options) -> None:
         self.handler = handler
@@ -77,9 +77,17 @@ class HttpTransport:
         version = environ.get("SERVER_PROTOCOL", "HTTP/1.0")
         self._keep_alive = not handler.close_connection and version == "HTTP/1.1"
         self._head = environ.get("REQUEST_METHOD") == "HEAD"
+        self._sse = False  # the stream is text/event-stream
         self._waiter: Optional[Waiter] = None
         self._take_input: Optional[Callable[[], bytes]] = None
         self.channel: Channel = None  # type: ignore[assignment]
+
+    @property
+    def kind(self) -> str:
+        """``channel.transport``: a long-poll until the first send starts a stream."""
+        if not (self._chunked or self._close_delimited):
+            return "longpoll"
+        return "sse" if self._sse else "stream"
 
     def watch(self) -> None:
         """Notice at once when the client hangs up, while the channel is open.
@@ -137,6 +145,7 @@ class HttpTransport:
             self._complete()
             return ok
         # A stream: tell proxies (nginx) not to buffer it.
+        self._sse = any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in headers)
         headers.append(("X-Accel-Buffering", "no"))
         if self.handler.environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
             self._chunked = True

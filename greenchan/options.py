@@ -51,6 +51,10 @@ class Options:
     max_header_size: int = 64 << 10
     #: A client must finish its request headers within this many seconds.
     handshake_timeout: Optional[float] = 10.0
+    #: How long a greenchan.js session outlives its client's last connection
+    #: (docs/sessions.md): long enough for a network drop or a page reload, short
+    #: enough that a closed tab's ``on_close`` runs within a minute.
+    session_grace: float = 30.0
     #: How long a server-initiated WebSocket close waits for the client's reply.
     close_timeout: float = 5.0
 
