@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import re
 import signal
 import socket
 import time
@@ -59,6 +60,9 @@ _ERRORS = {
     501: _error_response(501, "Not Implemented"),
     505: _error_response(505, "HTTP Version Not Supported"),
 }
+
+# The scheme and authority of an absolute-form request target.
+_AUTHORITY = re.compile(r"[^:/?#]+://[^/?#]*")
 
 # At most this many request header lines, as http.client allows; past it
 # pywsgi printed a traceback, greenchan answers 431.
@@ -189,6 +193,10 @@ class Handler(pywsgi.WSGIHandler):
         # The line first: a client that sent junk (or HTTP/0.9) gets its 400
         # without the server waiting for headers that will not come.
         method, target, version = parse_request_line(raw_requestline)
+        if target[0] != "/" and "://" in target:
+            # absolute-form (RFC 9112 3.2.2): the path is what the application routes on.
+            rest = _AUTHORITY.sub("", target, count=1)
+            target = rest if rest.startswith("/") else "/" + rest
         self.command, self.path, self.request_version = method, target, version
         request = parse_headers(method, target, version, self._read_head())
         self.headers = request.headers
