@@ -8,31 +8,51 @@ deployment can move between the two without rewriting its settings.
 import argparse
 import dataclasses
 import importlib
+import inspect
 import logging
 import os
+import re
 import sys
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 from .options import Options
 
-__all__ = ["main", "options_from_environ", "parse_option"]
+__all__ = ["main", "options_from_environ", "parse_option", "describe_options", "OptionDoc"]
 
 log = logging.getLogger("greenchan.cli")
 
 #: Prefix of the environment variables that set server options.
 ENV_PREFIX = "GREENCHAN_"
 
-# Options whose text may say "none" (or 0 for durations) to turn them off.
-_NULLABLE = {"max_message_size", "ping_interval", "ping_timeout", "max_connections",
-             "handshake_timeout", "origins", "subprotocols", "compression"}
+# How each option is written on the command line and in the environment. An
+# option not named here gets its kind from its type in Options (float: seconds,
+# int: a count, Sequence: a list), so a new option has a flag at once.
 _SIZES = {"max_message_size", "send_buffer", "max_body", "max_header_size"}
 _COUNTS = {"max_queue", "max_connections"}
-_SECONDS = {"send_timeout", "ping_interval", "ping_timeout", "handshake_timeout", "close_timeout"}
+_SECONDS = {"send_timeout", "ping_interval", "ping_timeout", "handshake_timeout", "close_timeout",
+            "session_grace"}
 _LISTS = {"origins", "subprotocols"}
 _UNITS = {"": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
+_FIELDS = {f.name: f for f in dataclasses.fields(Options)}
+# Options whose text may say "none" (or 0 for keepalive) to turn them off: those
+# whose type allows None.
+_NULLABLE = {name for name, f in _FIELDS.items() if "Optional" in str(f.type)}
+
+
+def _kind(name: str) -> str:
+    """``size``, ``count``, ``seconds``, ``list`` or ``choice`` (compression)."""
+    for kind, names in (("size", _SIZES), ("count", _COUNTS), ("seconds", _SECONDS), ("list", _LISTS)):
+        if name in names:
+            return kind
+    if name == "compression":
+        return "choice"
+    annotation = str(_FIELDS[name].type)
+    if "Sequence" in annotation or "List" in annotation:
+        return "list"
+    return "seconds" if "float" in annotation else "count"
 
 
 def parse_option(name: str, text: str) -> Any:
@@ -47,31 +67,114 @@ def parse_option(name: str, text: str) -> Any:
     text = text.strip()
     if name in _NULLABLE and text.lower() in ("none", "off", ""):
         return None
-    if name in _LISTS:
+    kind = _kind(name)
+    if kind == "list":
         return [item.strip() for item in text.split(",") if item.strip()] or None
-    if name == "compression":
+    if kind == "choice":
         if text.lower() != "deflate":
             raise ValueError(f"{name} is 'deflate' or 'none', not {text!r}")
         return "deflate"
     try:
-        if name in _SIZES:
+        if kind == "size":
             number = text.lower().rstrip()
             digits = number.rstrip("abcdefghijklmnopqrstuvwxyz").strip()
             unit = number[len(digits):].strip()
             if unit not in _UNITS:
                 raise ValueError
             return int(float(digits) * _UNITS[unit])
-        if name in _COUNTS:
+        if kind == "count":
             return int(text)
-        if name in _SECONDS:
-            seconds = float(text)
-            if seconds == 0 and name in ("ping_interval", "ping_timeout"):
-                return None
-            return seconds
+        seconds = float(text)
+        if seconds == 0 and name in ("ping_interval", "ping_timeout"):
+            return None
+        return seconds
     except ValueError:
         pass
-    kind = "a size (bytes, or with KiB/MiB)" if name in _SIZES else "a number"
-    raise ValueError(f"{name} must be {kind}, not {text!r}")
+    what = "a size (bytes, or with KiB/MiB)" if kind == "size" else "a number"
+    raise ValueError(f"{name} must be {what}, not {text!r}")
+
+
+def format_option(name: str, value: Any) -> str:
+    """``value`` of option ``name`` written as its flag takes it (``1MiB``, ``20``, ``none``)."""
+    if value is None:
+        return "none"
+    kind = _kind(name)
+    if kind == "list":
+        return ",".join(value)
+    if kind == "size":
+        for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if value >= size and value % size == 0:
+                return f"{value // size}{unit}"
+        return str(value)
+    if kind == "seconds":
+        return f"{value:g}"
+    return str(value)
+
+
+class OptionDoc(NamedTuple):
+    """One server option as the command line, the environment and the docs present it."""
+
+    name: str
+    #: The command-line flag, ``--max-body``.
+    flag: str
+    #: The environment variable, ``GREENCHAN_MAX_BODY``.
+    env: str
+    #: ``size``, ``count``, ``seconds``, ``list`` or ``choice``.
+    kind: str
+    #: The default, written as the flag takes it (``8MiB``, ``10``, ``none``).
+    default: str
+    #: What the option does: the ``#:`` comment above its field in Options.
+    description: str
+
+
+def _field_comments() -> Dict[str, str]:
+    """The ``#:`` comment above each field of Options, the text autodoc shows too.
+
+    Read from the source so that options.py stays the one place that says what
+    an option does. A field right below a commented one with none of its own
+    shares its comment (``ping_interval`` and ``ping_timeout``).
+    """
+    try:
+        lines = inspect.getsource(Options).splitlines()
+    except (OSError, TypeError):  # no source (a frozen build): flags without descriptions
+        return {}
+    comments: Dict[str, str] = {}
+    pending: List[str] = []
+    previous: Optional[str] = None
+    for line in lines:
+        text = line.strip()
+        if text.startswith("#:"):
+            pending.append(text[2:].strip())
+            continue
+        match = re.match(r"(\w+)\s*:", text)
+        if match and match.group(1) in _FIELDS:
+            if pending:
+                comment = " ".join(pending)
+            else:
+                comment = comments.get(previous, "") if previous else ""
+            # Docstring markup reads as plain text in a terminal.
+            comments[match.group(1)] = re.sub(r"``(.*?)``", r"\1", comment)
+            previous = match.group(1)
+        else:
+            previous = None
+        pending = []
+    return comments
+
+
+def describe_options() -> List[OptionDoc]:
+    """Every server option, in the order of Options, with its default and description."""
+    comments = _field_comments()
+    return [
+        OptionDoc(
+            name=name,
+            flag="--" + name.replace("_", "-"),
+            env=ENV_PREFIX + name.upper(),
+            kind=_kind(name),
+            default=format_option(name, field.default),
+            description=comments.get(name, ""),
+        )
+        for name, field in _FIELDS.items()
+    ]
 
 
 def options_from_environ(environ: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
@@ -138,6 +241,16 @@ For several processes use gunicorn: gunicorn -k greenchan.gunicorn.Worker -w 4 c
 """
 
 
+# How each kind of option is written: its metavar, and a hint for the help.
+_SYNTAX = {
+    "size": ("SIZE", "bytes, or 64KiB, 1MiB"),
+    "count": ("N", "a count"),
+    "seconds": ("SECONDS", "seconds"),
+    "list": ("VALUE", "repeat the flag or comma-separate"),
+    "choice": ("deflate|none", "deflate or none"),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="greenchan",
@@ -154,27 +267,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", type=str.lower,
                         choices=["debug", "info", "warning", "error", "critical"],
                         help="logging level (default: %(default)s)")
-    group = parser.add_argument_group("server options (defaults as in the API)")
-    _add = group.add_argument
-    _add("--max-message-size", metavar="SIZE",
-         help="largest WebSocket message, e.g. 1MiB; larger ones close with 1009 ('none': no limit)")
-    _add("--max-queue", metavar="N", help="inbound messages buffered per channel before reading pauses")
-    _add("--send-buffer", metavar="SIZE", help="outbound bytes buffered per channel")
-    _add("--send-timeout", metavar="SECONDS", help="how long a full send buffer may stay full")
-    _add("--ping-interval", metavar="SECONDS", help="WebSocket keepalive ping interval (0 or 'none' disables)")
-    _add("--ping-timeout", metavar="SECONDS", help="how long to wait for a pong (0 or 'none' disables)")
-    _add("--origins", metavar="ORIGIN", action="append",
-         help="allowed Origin for WebSocket upgrades; repeat or comma-separate; '*' allows all "
-         "(default: same origin as the Host header)")
-    _add("--subprotocols", metavar="NAME", action="append",
-         help="offered WebSocket subprotocols, in preference order; repeat or comma-separate")
-    _add("--compression", metavar="deflate|none", help="permessage-deflate (default: none)")
-    _add("--max-connections", metavar="N", help="over this many connections new ones get 503")
-    _add("--max-body", metavar="SIZE", help="largest request body; larger ones get 413")
-    _add("--max-header-size", metavar="SIZE", help="largest request header block; larger ones get 431")
-    _add("--handshake-timeout", metavar="SECONDS",
-         help="time to send request headers (and a body); also the keep-alive idle time ('none' disables)")
-    _add("--close-timeout", metavar="SECONDS", help="how long a WebSocket close handshake may take")
+    group = parser.add_argument_group(
+        "server options",
+        "Each also comes from GREENCHAN_<OPTION> in the environment; a flag wins.\n"
+        "Sizes are bytes or take a unit (64KiB, 1MiB); durations are seconds.",
+    )
+    for option in describe_options():
+        metavar, how = _SYNTAX[option.kind]
+        if option.name == "origins":
+            how += "; '*' allows every origin"
+        if option.name in _NULLABLE and option.kind in ("size", "count", "seconds"):
+            how += "; 0 or 'none' turns it off" if option.name.startswith("ping_") else "; 'none': off"
+        # The first sentence of the field's comment: what it does; docs have the why.
+        what = re.split(r"(?<=\.)\s+(?=[A-Z0-9])", option.description, maxsplit=1)[0]
+        help = f"{what} [{how}] (default: {option.default})".lstrip()
+        group.add_argument(option.flag, metavar=metavar, help=help.replace("%", "%%"),
+                           action="append" if option.kind == "list" else "store")
     return parser
 
 

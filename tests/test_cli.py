@@ -121,3 +121,51 @@ def test_header_limit_flag_applies(cli):
     response = requests.get(f"http://127.0.0.1:{port}/pid", headers={"X-Big": "x" * 3000}, timeout=10)
     assert response.status_code == 431
     assert requests.get(f"http://127.0.0.1:{port}/pid", timeout=10).status_code == 200
+
+
+def _expected_default(value):
+    """An option's default as the help should show it, computed here from Options itself."""
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= size and value % size == 0:
+            return f"{value // size}{unit}"
+    return str(value)
+
+
+def test_help_shows_every_default_from_options():
+    from greenchan.options import Options
+    import dataclasses
+    import re
+
+    text = run("--help", command="module").stdout
+    # One block per flag: from "--flag" at the start of a help line to the next flag.
+    blocks = dict(re.findall(r"^  (--[a-z-]+)(.*?)(?=^  --|^\S|\Z)", text, re.S | re.M))
+    assert "defaults as in the API" not in text
+    for field in dataclasses.fields(Options):
+        flag = "--" + field.name.replace("_", "-")
+        help = " ".join(blocks[flag].split())
+        assert f"(default: {_expected_default(field.default)})" in help, (flag, help)
+        # The description is the field's #: comment in options.py, not a copy.
+        assert len(help) > len("(default: x)") + 20, (flag, help)
+    assert "1009" in " ".join(blocks["--max-message-size"].split())
+
+
+def test_describe_options_reads_the_field_comments():
+    from greenchan.__main__ import describe_options
+    from greenchan.options import Options
+    import dataclasses
+    import inspect
+
+    source = inspect.getsource(Options)
+    docs = {d.name: d for d in describe_options()}
+    assert list(docs) == [f.name for f in dataclasses.fields(Options)]
+    for name, doc in docs.items():
+        assert doc.description, name
+        # Each description is text of options.py's comments (markup removed).
+        first_words = " ".join(doc.description.split()[:3])
+        assert first_words in " ".join(source.replace("#:", "").replace("``", "").split()), name
+        assert doc.env == "GREENCHAN_" + name.upper() and doc.flag == "--" + name.replace("_", "-")
+    assert docs["ping_timeout"].description == docs["ping_interval"].description
