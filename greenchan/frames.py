@@ -1,14 +1,20 @@
-"""A lean fast path for the common WebSocket frames, beside websockets' engine.
+"""Frame boundaries and a lean fast path for the common WebSocket frames.
 
-Most traffic is unfragmented, masked text or binary frames with no extension. For those, parsing and building frames here instead of through
-websockets' generator-based parser saves most of the per-message cost
-(DESIGN.md: 50k -> 81k echo messages/s on this machine's 64-connection echo,
-client-bound). Everything else (control frames, fragments, anything over the size limit or
-malformed) is left untouched for ``ServerProtocol``, which stays the authority.
-A large frame split across reads is collected here (``FastReader``) instead of
-in the engine's generator-based reader: the 256 KiB echo benchmark runs through
-this path. ``tests/test_frames.py`` feeds both
-the same bytes and demands the same result.
+Most traffic is unfragmented, masked text or binary frames with no extension. For
+those, parsing here instead of through websockets' generator-based parser saves
+most of the per-message cost (DESIGN.md: 50k -> 81k echo messages/s on this
+machine's 64-connection echo, client-bound). Every other frame (control frames,
+fragments, compressed frames, anything over the size limit or malformed) goes to
+``ServerProtocol``, which stays the authority on what a frame means.
+
+``FrameReader`` decides, for each frame of the stream, who parses it, and it
+knows where every frame ends because it reads every frame header itself: the
+engine is given each of its frames from the first byte to the last and nothing
+more, so once a frame it was given ends, the engine is idle at a frame boundary.
+(Asking the engine instead, through an empty ``reader.buffer``, was wrong:
+websockets' reader consumes a header before its mask and payload arrive, issue
+10.) ``tests/test_websocket_split.py`` feeds frame sequences under every split,
+down to one byte per read, and demands websockets' own result on the whole stream.
 """
 from __future__ import annotations
 
@@ -26,23 +32,25 @@ _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
 _U64 = struct.Struct("!Q")
 
+Messages = List[Tuple[bool, bytes]]
 
-def parse_complete(data: Any, max_size: Optional[int]) -> Tuple[List[Tuple[bool, bytes]], int, int]:
-    """Parse the leading complete, final, masked text/binary frames of ``data``.
 
-    Returns ``[(is_text, payload), ...]``, how many bytes they took, and what
-    the rest is: 0 if it is not for this parser (hand it to the engine), else
-    the size of the incomplete frame it starts (1 while too short to tell), so
-    the caller waits for that many bytes. Text payloads are returned undecoded.
+def parse_complete(data: Any, pos: int, max_size: Optional[int], limit: int) -> Tuple[Messages, int, int]:
+    """Parse at most ``limit`` complete, final, masked text/binary frames from ``pos``.
+
+    Returns ``[(is_text, payload), ...]``, the position after them, and what
+    comes there: 0 if it is not for this parser (another kind of frame, or the
+    limit was reached), else how many bytes from that position the incomplete
+    frame it starts needs before it can be parsed (at least one more byte while
+    its header is incomplete). Text payloads are returned undecoded.
     """
-    frames: List[Tuple[bool, bytes]] = []
-    pos = 0
+    frames: Messages = []
     end = len(data)
     view = memoryview(data)
-    while True:
+    while limit:
         left = end - pos
         if left < 2:
-            return frames, pos, 1 if left else 0
+            return frames, pos, 2 if left else 0
         first = data[pos]
         second = data[pos + 1]
         if (first != _FIN_TEXT and first != _FIN_BINARY) or not second & 0x80:
@@ -52,67 +60,163 @@ def parse_complete(data: Any, max_size: Optional[int]) -> Tuple[List[Tuple[bool,
             start = pos + 6
         elif length == 126:
             if left < 4:
-                return frames, pos, 1
+                return frames, pos, 4
             (length,) = _U16.unpack_from(data, pos + 2)
             start = pos + 8
         else:
             if left < 10:
-                return frames, pos, 1
+                return frames, pos, 10
             (length,) = _U64.unpack_from(data, pos + 2)
             if length >> 63:
-                return frames, pos, 0  # invalid: the engine says so
+                return frames, pos, 0  # invalid: FrameReader says so
             start = pos + 14
         if max_size is not None and length > max_size:
-            return frames, pos, 0  # the engine closes with 1009
+            return frames, pos, 0  # the engine closes with 1009 (1002 past 2**63)
         stop = start + length
         if stop > end:
             return frames, pos, stop - pos
         frames.append((first == _FIN_TEXT, apply_mask(view[start:stop], bytes(view[start - 4:start]))))
         pos = stop
+        limit -= 1
+    return frames, pos, 0
 
 
-class FastReader:
-    """Feeds the fast path across reads: a large frame arrives in several chunks.
+# What FrameReader.next() returns, with its value:
+MORE = 0  # None: nothing to do until more bytes arrive
+MESSAGES = 1  # [(is_text, payload), ...] parsed here, at most ``room`` of them
+ENGINE = 2  # bytes of a frame for the engine, which does not end it
+ENGINE_END = 3  # the last bytes of a frame for the engine (its first too, if whole)
+TOO_LONG = 4  # None: a 64-bit length with its top bit set (RFC 6455 5.2: 1002)
 
-    ``feed(data)`` returns the messages it completed and the bytes it will not
-    take (from a frame boundary on), which go to the engine; from then on the
-    engine has the stream until the caller knows it is at a boundary again.
+
+class FrameReader:
+    """Splits the client's byte stream at frame boundaries, whatever the reads.
+
+    ``feed(data)`` adds one read; ``next(room)`` returns the next step (above),
+    taking no more than one frame for the engine or ``room`` fast messages, so
+    the caller parses no further than its inbound queue has room for and the
+    rest stays here, unparsed (``unparsed``), until it asks again.
+
+    Invariant: the engine has been given exactly the bytes of the frames the
+    reader sent it, up to the current position. At a frame boundary
+    (``in_frame`` false) it therefore holds no partial frame, and outside a
+    fragmented message the fast path may take the next frame.
+
+    With ``fast`` false (an extension was negotiated) every frame goes to the
+    engine, still one at a time.
     """
 
-    __slots__ = ("max_size", "_chunks", "_size", "_need")
+    __slots__ = ("max_size", "fast", "_buf", "_pos", "_held", "_held_size", "_need", "_left", "_fragmented")
 
-    def __init__(self, max_size: Optional[int]) -> None:
+    def __init__(self, max_size: Optional[int], fast: bool = True) -> None:
         self.max_size = max_size
-        # The pieces of an incomplete frame we will take, joined once complete:
-        # one copy per frame, however many reads it took.
-        self._chunks: List[bytes] = []
-        self._size = 0
+        self.fast = fast
+        self._buf: Any = b""  # the read being parsed, from _pos on
+        self._pos = 0
+        # An incomplete header or fast frame, from a boundary on, in the pieces
+        # it came in: joined once, when long enough (one copy per frame,
+        # however many reads it took).
+        self._held: List[bytes] = []
+        self._held_size = 0
         self._need = 0
-
-    def feed(self, data: bytes) -> Tuple[List[Tuple[bool, bytes]], bytes]:
-        if self._chunks:
-            self._chunks.append(data)
-            self._size += len(data)
-            if self._size < self._need:
-                return [], b""
-            data = b"".join(self._chunks)
-            self._chunks = []
-            self._size = 0
-        frames, used, need = parse_complete(data, self.max_size)
-        if used == len(data):
-            return frames, b""
-        rest = data[used:]
-        if need:
-            self._chunks = [rest]
-            self._size = len(rest)
-            self._need = need
-            return frames, b""
-        return frames, rest
+        self._left = 0  # bytes of the engine's current frame not yet given to it
+        self._fragmented = False  # inside a fragmented message: all to the engine
 
     @property
-    def pending(self) -> int:
-        """Bytes held for an incomplete frame."""
-        return self._size
+    def in_frame(self) -> bool:
+        """True while the engine has a part of a frame: the rest must follow."""
+        return self._left != 0
+
+    @property
+    def unparsed(self) -> int:
+        """Bytes read and kept here: unparsed, or an incomplete frame."""
+        return len(self._buf) - self._pos + self._held_size
+
+    def feed(self, data: bytes) -> None:
+        """Add the bytes of one read."""
+        if self._pos < len(self._buf):  # what was not asked for yet comes first
+            data = bytes(self._buf[self._pos:]) + data
+        elif self._held:
+            self._held.append(data)
+            self._held_size += len(data)
+            if self._held_size < self._need:
+                self._buf, self._pos = b"", 0
+                return
+            data = b"".join(self._held)
+            self._held = []
+            self._held_size = 0
+        self._buf, self._pos = data, 0
+
+    def rest(self) -> bytes:
+        """Everything kept, from the current position on; the reader is emptied.
+
+        For after the close handshake or a failure: the engine discards it.
+        """
+        data = bytes(self._buf[self._pos:]) + b"".join(self._held)
+        self._buf, self._pos, self._held, self._held_size, self._left = b"", 0, [], 0, 0
+        return data
+
+    def next(self, room: int) -> Tuple[int, Any]:
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        if pos >= end:
+            return MORE, None
+        left = self._left
+        if left:  # the engine has this frame's start: give it the rest, and no more
+            if end - pos < left:
+                self._left = left - (end - pos)
+                self._pos = end
+                return ENGINE, memoryview(buf)[pos:]
+            self._left = 0
+            self._pos = pos + left
+            return ENGINE_END, memoryview(buf)[pos:pos + left]
+        if self.fast and not self._fragmented:
+            frames, pos, need = parse_complete(buf, pos, self.max_size, room)
+            self._pos = pos
+            if frames:
+                return MESSAGES, frames
+            if need:
+                return self._hold(need)
+        # A frame for the engine: read its header, to know where it ends.
+        avail = end - pos
+        if avail < 2:
+            return self._hold(2)
+        first = buf[pos]
+        second = buf[pos + 1]
+        length = second & 0x7F
+        if length < 126:
+            size = 2
+        elif length == 126:
+            if avail < 4:
+                return self._hold(4)
+            (length,) = _U16.unpack_from(buf, pos + 2)
+            size = 4
+        else:
+            if avail < 10:
+                return self._hold(10)
+            (length,) = _U64.unpack_from(buf, pos + 2)
+            if length >> 63:
+                return TOO_LONG, None
+            size = 10
+        opcode = first & 0x0F
+        if opcode == 1 or opcode == 2:
+            self._fragmented = not first & 0x80
+        elif opcode == 0 and first & 0x80:
+            self._fragmented = False
+        # An unmasked or otherwise invalid frame fails in the engine at its
+        # header, whatever length it claims; what follows is discarded.
+        self._left = size + (4 if second & 0x80 else 0) + length
+        return self.next(room)
+
+    def _hold(self, need: int) -> Tuple[int, Any]:
+        """Keep the incomplete frame or header at the position until ``need`` bytes."""
+        rest = self._buf[self._pos:]
+        self._held = [bytes(rest)]
+        self._held_size = len(rest)
+        self._need = need
+        self._buf, self._pos = b"", 0
+        return MORE, None
 
 
 def header(opcode: int, length: int) -> bytes:

@@ -45,7 +45,7 @@ class _QuietLogger(logging.LoggerAdapter):
 
 
 # Binary messages from this size on are not copied behind their frame header
-# (with frames.FastReader, 256 KiB echo went from 0.84x to 1.3-1.5x aiohttp in
+# (with frames.FrameReader, 256 KiB echo went from 0.84x to 1.3-1.5x aiohttp in
 # bench/); below it one buffer and one send are cheaper.
 _LARGE = 65536
 
@@ -126,6 +126,27 @@ class _ServerProtocol(ServerProtocol):
         super().recv_frame(frame)
 
 
+def _refusal(environ: dict) -> Optional[Response]:
+    """The answer to an upgrade that RFC 6455 4.1 forbids before the engine looks.
+
+    The opening handshake is a GET over HTTP/1.1 or later: a POST (or any other
+    method) gets 405 with ``Allow: GET``, HTTP/1.0 gets 505; neither reaches the
+    handler. (websockets' engine checks neither: pywsgi parsed the request line.)
+    """
+    if environ.get("REQUEST_METHOD", "GET") != "GET":
+        body = b"A WebSocket upgrade must be a GET request.\n"
+        return Response(405, "Method Not Allowed", Headers([("Allow", "GET")]), body)
+    version = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
+    try:
+        major, minor = (int(part) for part in version[len("HTTP/"):].split("."))
+    except ValueError:
+        major, minor = 0, 0
+    if not version.startswith("HTTP/") or (major, minor) < (1, 1):
+        body = b"A WebSocket upgrade needs HTTP/1.1.\n"
+        return Response(505, "HTTP Version Not Supported", Headers(), body)
+    return None
+
+
 class WebSocketTransport:
     """Carries one channel over a WebSocket; created by ``with_channel``."""
 
@@ -145,6 +166,7 @@ class WebSocketTransport:
         "_close_timer",
         "_fast",
         "_reader",
+        "_resuming",
     )
 
     def __init__(self, environ: dict, handler: Any, server: Any, options: Options) -> None:
@@ -159,7 +181,7 @@ class WebSocketTransport:
             max_size=options.max_message_size,
             logger=_protocol_log,
         )
-        self.response: Response = protocol.accept(_request(environ))
+        self.response: Response = _refusal(environ) or protocol.accept(_request(environ))
         self.conn: Any = None  # a Connection once the handshake is sent
         self.started = False
         # One growing buffer, not a list of fragments: a flood of tiny or empty
@@ -171,7 +193,8 @@ class WebSocketTransport:
         self._close_timer: Any = None
         # No extension negotiated: frames.py may parse and build data frames.
         self._fast = False
-        self._reader: Any = None  # frames.FastReader once the handshake is sent
+        self._reader: Any = None  # frames.FrameReader once the handshake is sent
+        self._resuming = False  # a _resume callback is scheduled
         self.channel: Channel = None  # type: ignore[assignment]
 
     @property
@@ -196,13 +219,7 @@ class WebSocketTransport:
         for name, value in (headers or {}).items():
             response.headers[name] = value
         self.channel.subprotocol = response.headers.get("Sec-WebSocket-Protocol")
-        protocol = self.protocol
-        protocol.send_response(response)
-        # pywsgi parsed the request, so the engine's parser, which began by
-        # waiting for one, restarts in the OPEN state and expects frames.
-        protocol.parser = protocol.parse()
-        next(protocol.parser)
-        handshake = b"".join(protocol.data_to_send())
+        handshake = self._start_engine()
         handler = self.handler
         buffered = handler.buffered_input()
         sock = _own(handler.detach())
@@ -216,8 +233,6 @@ class WebSocketTransport:
         conn.on_slow = self._slow
         conn.on_closed = self._closed
         conn.write(handshake, wait=False)
-        self._fast = not protocol.extensions
-        self._reader = frames.FastReader(self.options.max_message_size)
         self.channel._opened()
         conn.start_reading(self._on_data)
         if self.options.ping_interval:
@@ -225,6 +240,22 @@ class WebSocketTransport:
             self._ping_timer.start(self._keepalive)
         if buffered:
             self._on_data(buffered)
+
+    def _start_engine(self) -> bytes:
+        """Send the 101 through the engine, make it expect frames; the 101's bytes.
+
+        Everything after the socket: the tests drive the transport from here
+        with the bytes of any read (tests/test_websocket_split.py).
+        """
+        protocol = self.protocol
+        protocol.send_response(self.response)
+        # pywsgi parsed the request, so the engine's parser, which began by
+        # waiting for one, restarts in the OPEN state and expects frames.
+        protocol.parser = protocol.parse()
+        next(protocol.parser)
+        self._fast = not protocol.extensions
+        self._reader = frames.FrameReader(self.options.max_message_size, self._fast)
+        return b"".join(protocol.data_to_send())
 
     def reject(self, status: int, body: Any, headers: Optional[Dict[str, str]], why: CloseStatus = CloseStatus.SERVER_CLOSE) -> None:
         """Answer plain HTTP before the handshake, and close."""
@@ -240,26 +271,70 @@ class WebSocketTransport:
     # -- inbound ---------------------------------------------------------------
 
     def _on_data(self, data: bytes) -> None:
-        protocol = self.protocol
-        if self._fast and data and protocol.state is State.OPEN and not protocol.reader.buffer and self._parts is None:
-            # The common case, without the engine: see frames.py.
-            messages, data = self._reader.feed(data)
-            for is_text, payload in messages:
-                if is_text:
-                    try:
-                        self._deliver(payload.decode())
-                    except UnicodeDecodeError as exc:
-                        self._invalid_utf8(exc)
-                        self._write_pending()
-                        return
-                else:
-                    self._deliver(payload)
-            if not data:
-                return
+        """One read from the socket, in the hub; ``b""`` is the end of the stream."""
         if data:
-            protocol.receive_data(data)
+            self._reader.feed(data)
+            self._parse()
         else:
+            self._engine(None)
+        self._write_pending()
+
+    def _parse(self) -> bool:
+        """Parse what was read, frame by frame, no further than the queue has room.
+
+        ``FrameReader`` says where each frame ends and whether the fast path or
+        the engine parses it (frames.py). Returns True when it stopped at a full
+        inbound queue: reading is paused (TCP backpressure) and the rest stays
+        in the reader, unparsed, until the handler takes a message
+        (``resume_reading``). API.md: ``max_queue`` messages, never more.
+        """
+        reader = self._reader
+        protocol = self.protocol
+        channel = self.channel
+        while True:
+            if protocol.state is not State.OPEN or protocol.parser_exc is not None:
+                # Closing or failed: the engine takes (and discards) the rest.
+                rest = reader.rest()
+                if rest:
+                    self._engine(rest)
+                return False
+            room = 1
+            if not reader.in_frame:
+                queue = channel._queue
+                room = channel._max_queue - len(queue) if queue else channel._max_queue
+                if room <= 0:
+                    if channel.is_open:
+                        self.conn.pause_reading()
+                        return True
+                    room = channel._max_queue
+            kind, value = reader.next(room)
+            if kind == frames.MESSAGES:  # the common case, without the engine
+                for is_text, payload in value:
+                    if is_text:
+                        try:
+                            payload = payload.decode()
+                        except UnicodeDecodeError as exc:
+                            self._invalid_utf8(exc)
+                            break
+                    channel._deliver(payload)
+            elif kind == frames.ENGINE_END or kind == frames.ENGINE:
+                self._engine(value)
+            elif kind == frames.TOO_LONG:
+                # websockets would say 1009 (over max_size) or wait for 2**63
+                # bytes; RFC 6455 5.2 says the top bit must be 0: 1002.
+                self.protocol.fail(1002, "payload length over 2**63")
+                channel._finish(CloseStatus.PROTOCOL_ERROR, 1002, "payload length over 2**63")
+            else:
+                return False
+
+    def _engine(self, data: Any) -> None:
+        """Give the engine bytes of its frames (None: the end of the stream) and
+        act on what it parsed."""
+        protocol = self.protocol
+        if data is None:
             protocol.receive_eof()
+        else:
+            protocol.receive_data(data)
         frame: Any
         for frame in protocol.events_received():
             opcode = frame.opcode
@@ -280,7 +355,6 @@ class WebSocketTransport:
                 self.channel._finish(CloseStatus.from_code(sent.code), sent.code, sent.reason)
             else:  # EOF without a close frame: the client vanished
                 self.channel._finish(CloseStatus.GOING_AWAY, 1006, "")
-        self._write_pending()
 
     def _on_data_frame(self, frame: Any) -> None:
         if not self.channel.is_open:
@@ -296,7 +370,7 @@ class WebSocketTransport:
                     except UnicodeDecodeError as exc:
                         self._invalid_utf8(exc)
                         return
-                self._deliver(data)
+                self.channel._deliver(data)
                 return
             self._parts = bytearray(data)
             self._decoder = codecs.getincrementaldecoder("utf-8")() if frame.opcode is _TEXT else None
@@ -312,11 +386,7 @@ class WebSocketTransport:
             whole = bytes(self._parts)
             message = whole.decode() if self._decoder is not None else whole
             self._parts = self._decoder = None
-            self._deliver(message)
-
-    def _deliver(self, message: Any) -> None:
-        if not self.channel._deliver(message) and self.conn is not None:
-            self.conn.pause_reading()
+            self.channel._deliver(message)
 
     def _invalid_utf8(self, exc: UnicodeDecodeError) -> None:
         self._parts = self._decoder = None
@@ -324,8 +394,28 @@ class WebSocketTransport:
         self.channel._finish(CloseStatus.INVALID_DATA, 1007, "invalid UTF-8")
 
     def resume_reading(self) -> None:
-        if self.conn is not None:
-            self.conn.resume_reading()
+        """The handler took a message from a full queue: parse on, in the hub.
+
+        Called from the handler's greenlet; the parsing runs in a hub callback,
+        as every read does, and only then does the socket get read again, so
+        the held bytes come before any new ones.
+        """
+        if self.conn is not None and not self._resuming:
+            self._resuming = True
+            get_hub().loop.run_callback(self._resume)
+
+    def _resume(self) -> None:
+        self._resuming = False
+        conn = self.conn
+        if conn.closed:
+            return
+        try:
+            if not self._parse():
+                conn.resume_reading()
+            self._write_pending()
+        except Exception:
+            log.exception("%r: error while parsing held input", self.channel)
+            conn.abort()
 
     # -- outbound --------------------------------------------------------------
 
@@ -410,6 +500,9 @@ class WebSocketTransport:
         if protocol.state is State.OPEN and self.conn is not None and not self.conn.closed:
             protocol.send_close(code, reason)
             self._write_pending()
+            # Reading may be paused at a full queue: the client's close is
+            # behind what was held, and must be seen.
+            self.resume_reading()
             self._close_timer = get_hub().loop.timer(self.options.close_timeout)
             self._close_timer.start(self.abort)
 

@@ -46,11 +46,18 @@ one_frame = st.builds(
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(one_frame, max_size=6), st.integers(min_value=0, max_value=40), st.sampled_from([None, 200, 1 << 20]))
-def test_fast_path_agrees_with_the_engine(chunks, cut, max_size):
+@given(
+    st.lists(one_frame, max_size=6),
+    st.integers(min_value=0, max_value=40),
+    st.sampled_from([None, 200, 1 << 20]),
+    st.integers(min_value=1, max_value=8),
+)
+def test_fast_path_agrees_with_the_engine(chunks, cut, max_size, limit):
     data = b"".join(chunks)
     data = data[: len(data) - cut] if cut < len(data) else data  # a split frame at the end
-    fast, used, _ = frames.parse_complete(data, max_size)
+    fast, used, need = frames.parse_complete(data, 0, max_size, limit)
+    assert len(fast) <= limit
+    assert need == 0 or used + need > len(data)  # an incomplete frame needs more than is there
     protocol = engine(max_size)
     protocol.receive_data(data[:used])
     events = protocol.events_received()
@@ -65,56 +72,94 @@ def test_fast_path_agrees_with_the_engine(chunks, cut, max_size):
     ]
 
 
+def read_all(reader, protocol, pieces, room=1 << 30):
+    """Drive a FrameReader as the transport does; what came out, in order."""
+    got = []
+    for piece in pieces:
+        if not piece:
+            continue
+        reader.feed(piece)
+        while protocol.state is State.OPEN and protocol.parser_exc is None:
+            kind, value = reader.next(room)
+            if kind == frames.MORE:
+                break
+            if kind == frames.MESSAGES:
+                got.extend((Opcode.TEXT if t else Opcode.BINARY, p) for t, p in value)
+            elif kind == frames.TOO_LONG:
+                return got, "too long"
+            else:
+                protocol.receive_data(value)
+                got.extend((e.opcode, bytes(e.data)) for e in protocol.events_received())
+                if kind == frames.ENGINE_END and protocol.parser_exc is None:
+                    # The invariant the fast path relies on: the engine idles
+                    # at a boundary after each frame it was given.
+                    assert not reader.in_frame
+                    assert protocol.reader.buffer == b""
+        else:
+            protocol.receive_data(reader.rest())
+            got.extend((e.opcode, bytes(e.data)) for e in protocol.events_received())
+    return got, protocol.parser_exc is None
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(one_frame, max_size=6),
     st.lists(st.integers(min_value=1, max_value=400), max_size=8),
     st.sampled_from([None, 200, 1 << 20]),
+    st.integers(min_value=1, max_value=3),
 )
-def test_fast_reader_over_any_chunking_agrees_with_the_engine(chunks, cuts, max_size):
-    """Feed the stream in arbitrary pieces: the fast reader plus the engine on
-    what it hands over give the engine's own result on the whole stream."""
+def test_frame_reader_over_any_chunking_agrees_with_the_engine(chunks, cuts, max_size, room):
+    """Feed the stream in arbitrary pieces: the reader's fast messages plus the
+    engine's events on the frames it is given are the engine's own result on
+    the whole stream, whatever the room per step."""
     data = b"".join(chunks)
-    reader = frames.FastReader(max_size)
-    protocol = engine(max_size)
-    got = []
-    handed_over = False
-    pos = 0
     pieces = []
+    pos = 0
     for cut in cuts:
         pieces.append(data[pos:pos + cut])
         pos += cut
     pieces.append(data[pos:])
-    for piece in pieces:
-        if not piece:
-            continue
-        if handed_over:  # once the engine has the stream, it keeps it
-            protocol.receive_data(piece)
-            continue
-        messages, rest = reader.feed(piece)
-        got.extend((Opcode.TEXT if t else Opcode.BINARY, p) for t, p in messages)
-        if rest:
-            handed_over = True
-            protocol.receive_data(rest)
-    got.extend((e.opcode, bytes(e.data)) for e in protocol.events_received())
+    got, ok = read_all(frames.FrameReader(max_size), engine(max_size), pieces, room)
     whole = engine(max_size)
     whole.receive_data(data)
     expected = [(e.opcode, bytes(e.data)) for e in whole.events_received()]
     assert got == expected
-    assert (protocol.parser_exc is None) == (whole.parser_exc is None)
+    if ok != "too long":
+        assert ok == (whole.parser_exc is None)
 
 
 def test_a_large_frame_in_many_reads_takes_the_fast_path():
     payload = bytes(range(256)) * 1024  # 256 KiB
     data = client_frame(2, payload)
-    reader = frames.FastReader(1 << 20)
+    reader = frames.FrameReader(1 << 20)
     out = []
     for i in range(0, len(data), 65536):
-        messages, rest = reader.feed(data[i:i + 65536])
-        assert rest == b""
-        out.extend(messages)
+        reader.feed(data[i:i + 65536])
+        kind, value = reader.next(16)
+        if kind == frames.MESSAGES:
+            out.extend(value)
+        else:
+            assert kind == frames.MORE
     assert out == [(False, payload)]
-    assert reader.pending == 0
+    assert reader.unparsed == 0
+
+
+def test_a_large_engine_frame_is_passed_on_as_it_arrives():
+    """A fragment is the engine's, in parts, without being collected here first."""
+    payload = b"x" * 200000
+    data = client_frame(2, payload, fin=False) + client_frame(0, b"end")
+    reader = frames.FrameReader(1 << 20)
+    kinds = []
+    for i in range(0, len(data), 65536):
+        reader.feed(data[i:i + 65536])
+        while True:
+            kind, value = reader.next(16)
+            if kind == frames.MORE:
+                break
+            kinds.append((kind, len(value)))
+            assert reader.unparsed < 65536
+    first = 10 + 4 + len(payload)
+    assert kinds == [(frames.ENGINE, 65536)] * 3 + [(frames.ENGINE_END, first - 3 * 65536), (frames.ENGINE_END, 9)]
 
 
 @given(st.binary(max_size=70000), st.sampled_from([1, 2, 9]))
@@ -128,7 +173,12 @@ def test_encode_matches_the_engine(payload, opcode):
 
 def test_random_bytes_never_crash_the_fast_path():
     for _ in range(200):
-        frames.parse_complete(os.urandom(64), 1 << 20)
+        frames.parse_complete(os.urandom(64), 0, 1 << 20, 16)
+        reader = frames.FrameReader(1 << 20)
+        reader.feed(os.urandom(64))
+        for _ in range(100):
+            if reader.next(16)[0] in (frames.MORE, frames.TOO_LONG):
+                break
 
 
 def test_encode_message_caches_only_immutable_messages():
