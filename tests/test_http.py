@@ -270,3 +270,129 @@ def test_body_that_trickles_in_is_408(serve):
     assert response.startswith(b"HTTP/1.1 408")
     assert calls == []
     assert requests.post(url(server), data=b"x", timeout=5).text == "ok"
+
+
+# -- bytes after a request do not hide a hang-up (issue 10, defect 4) -----------------
+
+
+def _waiting_app(store, seen):
+    """A long-poll (``/poll``) or SSE (``/sse``) channel that joins a group and waits."""
+
+    @with_channel
+    def app(channel):
+        channel.on_close(seen.append)
+        store.add_to_group("room", channel)
+        if channel.environ["PATH_INFO"] == "/sse":
+            channel.send(Event("joined"))
+
+    return app
+
+
+@pytest.mark.parametrize("path", ["/poll", "/sse"])
+@pytest.mark.parametrize("extra", [b"\r\n", b"G", b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"])
+def test_extra_bytes_then_hangup_is_client_close(serve, path, extra):
+    from greenchan import MemoryChannelStore
+
+    store, seen = MemoryChannelStore(), []
+    server = serve(_waiting_app(store, seen))
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: store.members("room"))
+    sock.sendall(extra)  # read by the hang-up watch, not by the request parser
+    gevent.sleep(0.05)
+    sock.close()
+    wait_for(lambda: seen == [CloseStatus.CLIENT_CLOSE])
+    assert not store.members("room")
+    assert not server._channels
+    wait_for(lambda: server._connections == 0)
+
+
+def test_reset_after_extra_bytes_is_client_close(serve):
+    from greenchan import MemoryChannelStore
+
+    store, seen = MemoryChannelStore(), []
+    server = serve(_waiting_app(store, seen))
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"GET /poll HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: store.members("room"))
+    sock.sendall(b"\r\n")
+    gevent.sleep(0.05)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()  # linger 0: a reset
+    wait_for(lambda: seen == [CloseStatus.CLIENT_CLOSE])
+    assert not store.members("room")
+
+
+def test_vanished_clients_with_extra_bytes_free_their_connection_slots(serve):
+    from greenchan import MemoryChannelStore
+
+    store, seen = MemoryChannelStore(), []
+    limit = 5
+    server = serve(_waiting_app(store, seen), max_connections=limit)
+    socks = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(limit)]
+    for sock in socks:
+        sock.sendall(b"GET /poll HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: len(store.members("room")) == limit)
+    for sock in socks:
+        sock.sendall(b"\r\n")
+    gevent.sleep(0.05)
+    for sock in socks:
+        sock.close()
+    wait_for(lambda: len(seen) == limit)
+    wait_for(lambda: server._connections == 0)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    sock.close()
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["after", "with-the-first"])
+def test_pipelined_request_on_a_long_poll_is_answered_after_it(serve, together):
+    waiting = []
+
+    @with_channel
+    def app(channel):
+        if channel.environ["PATH_INFO"] == "/wait":
+            waiting.append(channel)
+        else:
+            channel.send("second " + channel.environ["PATH_INFO"])
+
+    server = serve(app)
+    first = b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = b"GET /b HTTP/1.1\r\nHost: x\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    if together:
+        sock.sendall(first + second)
+        wait_for(lambda: waiting)
+    else:
+        sock.sendall(first)
+        wait_for(lambda: waiting)
+        for i in range(0, len(second), 7):  # in pieces, all while the first waits
+            sock.sendall(second[i:i + 7])
+            gevent.sleep(0.001)
+    gevent.sleep(0.05)
+    assert waiting[0].is_open
+    waiting[0].send("first")
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    bodies = [part.rsplit(b"\r\n\r\n", 1)[-1] for part in data.split(b"HTTP/1.1 200 OK")[1:]]
+    assert bodies == [b"first", b"second /b", b"second /c"]
+
+
+def test_too_much_input_while_a_response_is_pending_closes(serve):
+    """Past max_header_size of pipelined input the client is cut (documented policy)."""
+    seen = []
+    server = serve(with_channel(lambda ch: ch.on_close(seen.append)), max_header_size=1024)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: server._channels)
+    try:
+        sock.sendall(b"x" * 4096)
+    except OSError:
+        pass
+    wait_for(lambda: seen == [CloseStatus.PROTOCOL_ERROR])
+    wait_for(lambda: server._connections == 0)
