@@ -55,6 +55,9 @@ class Options:
     #: (docs/sessions.md): long enough for a network drop or a page reload, short
     #: enough that a closed tab's ``on_close`` runs within a minute.
     session_grace: float = 30.0
+    #: A ``RedisChannelStore`` shared by every process of the application: with it
+    #: a greenchan.js session's requests may reach any process (forwarding.py).
+    store: Optional[Any] = None
     #: How long a server-initiated WebSocket close waits for the client's reply.
     close_timeout: float = 5.0
 

@@ -25,10 +25,12 @@ import re
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 from urllib.parse import parse_qs
 
+import gevent
 import gevent.event
 from gevent.hub import get_hub
 
 from .channel import Channel, CloseStatus, Event, run_handler
+from .forwarding import CLAIM_MS, Forwarder, forwarder
 from .options import Options
 
 __all__ = ["serve", "session_params"]
@@ -86,6 +88,9 @@ def serve(inner: Channel, handler: Callable, server: Any, options: Options, para
         return
     sessions = _registry(server)
     session = sessions.get(cid)
+    fwd = forwarder(server) if session is None else None
+    if fwd is not None and _forwarded(fwd, inner, params):
+        return  # another process holds this session (forwarding.py)
     origin = inner.environ.get("HTTP_ORIGIN")
     if session is not None and origin is not None and session.origin not in (None, origin):
         log.warning("session %s… pinned to origin %r refused a request from %r", cid[:8], session.origin, origin)
@@ -101,6 +106,9 @@ def serve(inner: Channel, handler: Callable, server: Any, options: Options, para
         if session is not None and session.state is CLOSED:
             inner.send({"status": 410, "headers": _HEADERS, "body": _JSON.encode({"closed": True})})
             return
+        if session is None and "gc_seq" not in params:  # an acknowledgement for a session gone
+            inner.send({"status": 410, "headers": _HEADERS, "body": _JSON.encode({"closed": True})})
+            return
     if session is None or (session.state is CLOSED and method != "POST"):
         if session is not None:
             session.forget()
@@ -108,6 +116,8 @@ def serve(inner: Channel, handler: Callable, server: Any, options: Options, para
         sessions[cid] = session
         if origin is not None:
             session.origin = origin
+        if fwd is not None:
+            fwd.hold(session)
         session.start(handler, args, kwargs)
         if method == "POST":
             session.post(inner, params)
@@ -118,6 +128,29 @@ def serve(inner: Channel, handler: Callable, server: Any, options: Options, para
         session.post(inner, params)
     else:
         session.attach(inner, params)
+
+
+def _forwarded(fwd: Forwarder, inner: Channel, params: Dict[str, str]) -> bool:
+    """True if another process holds the session and took this request; False if
+    this process may go on (and, when the request starts a session, claimed it)."""
+    starts = inner.environ.get("REQUEST_METHOD") != "POST" or ("gc_seq" in params and params.get("gc_close") != "1")
+    try:
+        for _ in range(int(CLAIM_MS / 50)):  # bounded: a claim lasts CLAIM_MS
+            if fwd.forward(inner, params, lambda: _body(inner)):
+                return True
+            if not starts or fwd.claim(params["gc_cid"]):
+                return False
+            gevent.sleep(0.05)  # another process is starting it: forward once it holds it
+    except Exception as exc:  # Redis is down: serve here rather than not at all
+        log.warning("session %s… not forwarded (%s); serving it in this process", params["gc_cid"][:8], exc)
+    return False
+
+
+def _body(inner: Channel) -> Any:
+    try:
+        return inner.receive(timeout=0)
+    except Exception:
+        return b""
 
 
 class Session:
@@ -482,6 +515,9 @@ class Session:
         sessions = _registry(self.server)
         if sessions.get(self.cid) is self:
             del sessions[self.cid]
+            fwd = getattr(self.server, "forwarder", None)
+            if fwd is not None:
+                fwd.release(self.cid)
 
     def __repr__(self) -> str:
         return f"<Session {self.cid[:8]}… {self.state} {self._kind}>"
