@@ -148,3 +148,112 @@ def test_oversized_request_line_and_headers(serve):
     sock.sendall(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n")
     assert sock.recv(100).startswith(b"HTTP/1.1 414")
     assert requests.get(f"http://127.0.0.1:{server.port}/", timeout=5).text == "ok"
+
+
+# -- every error response is followed by a graceful close ---------------------------
+
+
+def _answer_while_sending(port, data):
+    """Send ``data`` from another greenlet while reading; return what arrived before EOF.
+
+    A server that closes with unread input resets the connection, and the reset
+    can destroy its answer before the client reads it.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+
+    def send():
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass
+
+    sender = gevent.spawn(send)
+    received = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+    except ConnectionResetError:
+        return received + b"<reset>"
+    finally:
+        sender.kill()
+        sock.close()
+
+
+BIG_BODY = b"x" * (768 << 10)
+
+
+def test_503_reaches_a_client_still_sending(serve):
+    server = serve(with_channel(lambda ch: None), max_connections=1)
+    holder = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    holder.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_for(lambda: server._channels)
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(BIG_BODY)
+    for _ in range(3):
+        assert _answer_while_sending(server.port, request + BIG_BODY).startswith(b"HTTP/1.1 503 ")
+    holder.close()
+
+
+def test_413_reaches_a_client_still_sending(serve):
+    server = serve(with_channel(lambda ch: ch.send("ok")), max_body=1024)
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(BIG_BODY)
+    for _ in range(3):
+        assert _answer_while_sending(server.port, request + BIG_BODY).startswith(b"HTTP/1.1 413 ")
+
+
+def test_400_for_a_bad_request_reaches_a_client_still_sending(serve):
+    server = serve(with_channel(lambda ch: ch.send("ok")))
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+    for _ in range(3):
+        assert _answer_while_sending(server.port, request + BIG_BODY).startswith(b"HTTP/1.1 400 ")
+
+
+def test_answer_and_close_from_an_application(serve):
+    from greenchan.server import answer_and_close
+
+    def app(environ, start_response):
+        answer_and_close(environ, b"HTTP/1.1 418 I'm a teapot\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        start_response("200 OK", [])  # dropped: the answer is written
+        return [b"not sent"]
+
+    server = serve(app)
+    request = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(BIG_BODY)
+    received = _answer_while_sending(server.port, request + BIG_BODY)
+    assert received == b"HTTP/1.1 418 I'm a teapot\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+def test_slowloris_headers_and_body_are_cut(serve):
+    """A request that trickles in never reaches the application, and frees its slot."""
+    seen = []
+    server = serve(with_channel(lambda ch: seen.append(ch)), handshake_timeout=0.3, max_connections=2)
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    for trickle in (head[:-2], head + b"abc"):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        for i in range(len(trickle)):
+            try:
+                sock.sendall(trickle[i:i + 1])
+            except OSError:
+                break
+            gevent.sleep(0.001)
+        data = b""
+        while True:
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            data += chunk
+        assert data == b"" or data.startswith(b"HTTP/1.1 408 ")
+        sock.close()
+    assert not seen
+    wait_for(lambda: server._connections == 0)
+
+
+def test_error_answers_reach_an_http_client_that_sends_its_body_first(serve):
+    """requests sends the whole body before it reads: a reset would lose the answer."""
+    server = serve(with_channel(lambda ch: ch.send("ok")), max_body=1024)
+    base = f"http://127.0.0.1:{server.port}/"
+    assert requests.post(base, data=BIG_BODY, timeout=5).status_code == 413
+    chunks = (BIG_BODY[i:i + 65536] for i in range(0, len(BIG_BODY), 65536))
+    assert requests.post(base, data=chunks, timeout=5).status_code == 413  # chunked
+    assert requests.get(base, timeout=5).text == "ok"
