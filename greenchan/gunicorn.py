@@ -18,9 +18,15 @@ gunicorn's ``--worker-connections`` (default 1000) bounds the connections of
 each worker, WebSockets included: raise it for many idle WebSockets, or set
 ``GREENCHAN_MAX_CONNECTIONS`` below it so that clients over the limit get a
 503 with ``Retry-After`` instead of waiting in the accept queue.
+
+greenchan's log records (the ``greenchan`` logger and its children) go to
+gunicorn's error log, with its format, its destination (``--error-logfile``,
+syslog) and its level (``--log-level``). A ``greenchan`` logger that the
+application or a ``--log-config`` gave handlers of its own is left alone.
 """
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any, List, Optional
 
@@ -60,6 +66,34 @@ class Handler(_server.Handler, PyWSGIHandler):
         PyWSGIHandler.log_request(self)
 
 
+_LOGGER = logging.getLogger("greenchan")
+
+
+def _route_logging(glog: Any) -> List[logging.Handler]:
+    """Send the ``greenchan`` logger tree to gunicorn's error log; returns the handlers added.
+
+    Without this, greenchan's records reach no handler in a gunicorn worker
+    (gunicorn configures only its own loggers): WARNING and above print through
+    logging's last resort, bare, with no time, level or pid, and INFO never shows,
+    whatever ``--log-level`` says. The handlers are gunicorn's own objects, so
+    format and destination follow gunicorn's configuration; ``propagate`` is off
+    so that a root handler (an application's ``basicConfig``) does not print
+    every record a second time.
+    """
+    if _LOGGER.handlers:  # configured by a --log-config / logconfig_dict: theirs
+        return []
+    error_log = getattr(glog, "error_log", None) or logging.getLogger("gunicorn.error")
+    handlers = list(error_log.handlers)
+    if not handlers:  # gunicorn's error log itself goes through the root logger
+        return []
+    for handler in handlers:
+        _LOGGER.addHandler(handler)
+    if _LOGGER.level == logging.NOTSET:
+        _LOGGER.setLevel(error_log.getEffectiveLevel())
+    _LOGGER.propagate = False
+    return handlers
+
+
 class _WSGIServer(PyWSGIServer):
     greenchan: _server.Server
     worker: "Worker"
@@ -80,7 +114,14 @@ class Worker(GeventPyWSGIWorker):
     _stopped: Optional[_Flag] = None
 
     def load_wsgi(self) -> None:
+        routed = _route_logging(self.log)
         super().load_wsgi()
+        if routed and len(_LOGGER.handlers) > len(routed):
+            # The application configured the greenchan logger itself while it
+            # was imported: its handlers win, ours would print every record twice.
+            for handler in routed:
+                _LOGGER.removeHandler(handler)
+            _LOGGER.propagate = True
         # Read in the worker, after gunicorn applied --env / raw_env.
         self.greenchan = _server.Server(self.wsgi, **options_from_environ())
         self.greenchan.status = "running"

@@ -5,6 +5,7 @@ to a WSGI response iterator for HTTP channels and refuses WebSocket upgrades wit
 a message naming the worker.
 """
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,11 +33,12 @@ def gunicorn(tmp_path):
     procs = []
     extra = _control_socket_flag()
 
-    def start(*args, worker="greenchan.gunicorn.Worker", env=None):
+    def start(*args, worker="greenchan.gunicorn.Worker", env=None, app="deploy_app:app", chdir=APPS):
         port = free_port()
         log = tmp_path / f"channels-{port}.log"
-        cmd = [GUNICORN, "-k", worker, "-b", f"127.0.0.1:{port}", "--chdir", APPS, *extra, *args, "deploy_app:app"]
-        environ = dict(os.environ, DEPLOY_LOG=str(log), **(env or {}))
+        cmd = [GUNICORN, "-k", worker, "-b", f"127.0.0.1:{port}", "--chdir", str(chdir), *extra, *args, app]
+        # deploy_app importable from an application module in another folder too.
+        environ = dict(os.environ, DEPLOY_LOG=str(log), PYTHONPATH=APPS, **(env or {}))
         proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         procs.append(proc)
         wait_serving(port, proc)
@@ -143,3 +145,65 @@ def test_plain_gevent_worker_long_poll_and_refused_upgrade(gunicorn):
         connect(port)
     assert info.value.status_code == 500
     assert b"greenchan.gunicorn.Worker" in info.value.resp_body
+
+
+# gunicorn's error log format: "[2026-01-02 03:04:05 +0000] [pid] [LEVEL] message".
+_GUNICORN_LINE = re.compile(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[(\d+)\] \[([A-Z]+)\] (.*)")
+
+# Applications that configure logging themselves when gunicorn imports them.
+_APPS = {
+    # logging.basicConfig() in the app: a root handler that must not print
+    # greenchan's records a second time.
+    "basic_config": "import logging\nlogging.basicConfig(level=logging.INFO)\nfrom deploy_app import app\n",
+    # The app gives the greenchan logger a handler of its own: that one wins.
+    "own_handler": (
+        "import logging, os\n"
+        "handler = logging.FileHandler(os.environ['OWN_LOG'])\n"
+        "handler.setFormatter(logging.Formatter('own %(levelname)s %(message)s'))\n"
+        "logging.getLogger('greenchan').addHandler(handler)\n"
+        "logging.getLogger('greenchan').setLevel(logging.INFO)\n"
+        "from deploy_app import app\n"
+    ),
+}
+
+
+def _stop_and_read(proc):
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    return read_output(proc)
+
+
+@pytest.mark.parametrize("app", ["deploy_app", "basic_config"])
+def test_greenchan_logs_once_in_gunicorns_format(gunicorn, tmp_path, app):
+    chdir = APPS
+    if app in _APPS:
+        (tmp_path / f"{app}.py").write_text(_APPS[app])
+        chdir = tmp_path
+    proc, port, log = gunicorn("-w", "1", "--log-level", "info", app=f"{app}:app", chdir=chdir)
+    pid = requests.get(f"http://127.0.0.1:{port}/pid", timeout=10).text
+
+    output = _stop_and_read(proc)
+
+    # greenchan.server's INFO line when a worker stops: once, as gunicorn writes
+    # its own lines (time, pid, level), from the worker's process.
+    lines = [line for line in output.splitlines() if "stopping: closing" in line]
+    assert len(lines) == 1, output
+    match = _GUNICORN_LINE.fullmatch(lines[0])
+    assert match, lines[0]
+    assert match.group(1) == pid and match.group(2) == "INFO" and match.group(3).startswith(f"worker {pid} ")
+
+
+def test_greenchan_logs_follow_gunicorns_log_level(gunicorn):
+    proc, port, log = gunicorn("-w", "1", "--log-level", "warning")
+    output = _stop_and_read(proc)
+    assert "stopping: closing" not in output
+
+
+def test_an_application_that_configures_the_greenchan_logger_keeps_it(gunicorn, tmp_path):
+    (tmp_path / "own_handler.py").write_text(_APPS["own_handler"])
+    own = tmp_path / "own.log"
+    proc, port, log = gunicorn("-w", "1", "--log-level", "info", app="own_handler:app", chdir=tmp_path,
+                               env={"OWN_LOG": str(own)})
+    output = _stop_and_read(proc)
+    assert "stopping: closing" not in output
+    assert [line for line in own.read_text().splitlines() if "stopping: closing" in line][0].startswith("own INFO")
