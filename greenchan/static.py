@@ -10,11 +10,17 @@ Flask::
 
     app.add_url_rule("/greenchan.js", view_func=greenchan.static.javascript)
 
+Bottle::
+
+    app.route("/greenchan.js", callback=greenchan.static.javascript)
+
 ``javascript`` is a WSGI application and also a zero-argument view: called with no
 arguments it returns itself, and Flask runs a returned WSGI application with the
-request's environ. Either way the answer carries ``ETag``, ``Last-Modified`` and
-``Cache-Control: public, max-age=3600``, and a conditional request that matches
-gets ``304 Not Modified``.
+request's environ; as the callback of the Bottle route being served it returns a
+``bottle.HTTPResponse`` instead, because Bottle cannot run a returned WSGI
+application (it answered 500, logging nothing). Either way the answer carries
+``ETag``, ``Last-Modified`` and ``Cache-Control: public, max-age=3600``, and a
+conditional request that matches gets ``304 Not Modified``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import os
+import sys
 import threading
 from collections.abc import Iterable
 from typing import Any, Callable
@@ -90,6 +97,9 @@ class StaticFile:
 
     def __call__(self, environ: dict | None = None, start_response: StartResponse | None = None) -> Any:
         if environ is None and start_response is None:
+            bottle_environ = self._bottle_environ()
+            if bottle_environ is not None:
+                return self._bottle_response(bottle_environ)
             # Called as a zero-argument view (Flask): hand back the WSGI app,
             # which the framework then calls with the request's environ.
             return self
@@ -98,6 +108,35 @@ class StaticFile:
                 "StaticFile is called as app(environ, start_response), or with no arguments as a view"
             )
         return self.wsgi(environ, start_response)
+
+    def _bottle_environ(self) -> dict | None:
+        """The environ of the Bottle request whose route callback is this file, else None."""
+        bottle = sys.modules.get("bottle")  # imported by the application, if it uses Bottle
+        if bottle is None:
+            return None
+        flask = sys.modules.get("flask")
+        if flask is not None and flask.has_request_context():
+            return None
+        try:
+            environ = bottle.request.environ
+        except RuntimeError:  # no Bottle request in this thread or greenlet
+            return None
+        # Only for the route being served now: a greenlet keeps its last Bottle
+        # request bound after it (hence the Flask check above, too).
+        route = environ.get("bottle.route")
+        return environ if route is not None and route.callback is self else None
+
+    def _bottle_response(self, environ: dict) -> Any:
+        """This file's answer to ``environ`` as a ``bottle.HTTPResponse``."""
+        import bottle
+
+        answer: dict = {}
+
+        def start_response(status: str, headers: list, exc_info: Any = None) -> None:
+            answer["status"], answer["headers"] = status, headers
+
+        body = b"".join(self.wsgi(environ, start_response))
+        return bottle.HTTPResponse(body, status=answer["status"], headers=answer["headers"])
 
     def wsgi(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         """Answers one request for the file."""

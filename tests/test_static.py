@@ -1,4 +1,4 @@
-"""greenchan/static.py: serving greenchan.js from plain WSGI and from Flask."""
+"""greenchan/static.py: serving greenchan.js from plain WSGI, Flask and Bottle."""
 
 from __future__ import annotations
 
@@ -93,6 +93,50 @@ def test_flask_view_in_one_line():
         assert r.headers["Cache-Control"] == "public, max-age=3600"
         r2 = requests.get(url, headers={"If-None-Match": r.headers["ETag"]}, timeout=TIMEOUT)
         assert r2.status_code == 304 and r2.content == b""
+
+
+def test_bottle_route_in_one_line():
+    bottle = pytest.importorskip("bottle")
+    app = bottle.Bottle()
+    app.route("/greenchan.js", callback=greenchan.static.javascript)
+    app.route("/other", callback=lambda: "other")
+    with Server(app, port=0) as server:
+        url = f"http://127.0.0.1:{server.port}/greenchan.js"
+        r = requests.get(url, timeout=TIMEOUT)
+        assert r.status_code == 200 and r.content == _source()
+        assert r.headers["Content-Type"] == "application/javascript; charset=utf-8"
+        assert r.headers["Cache-Control"] == "public, max-age=3600"
+        assert int(r.headers["Content-Length"]) == len(_source())
+        r2 = requests.get(url, headers={"If-None-Match": r.headers["ETag"]}, timeout=TIMEOUT)
+        assert r2.status_code == 304 and r2.content == b"" and r2.headers["ETag"] == r.headers["ETag"]
+        head = requests.head(url, timeout=TIMEOUT)
+        assert head.status_code == 200 and head.content == b""
+        assert int(head.headers["Content-Length"]) == len(_source())
+        # Another route served by the same greenlet (keep-alive) in between.
+        with requests.Session() as session:
+            assert session.get(f"http://127.0.0.1:{server.port}/other", timeout=TIMEOUT).text == "other"
+            assert session.get(url, timeout=TIMEOUT).content == _source()
+
+
+def test_flask_view_still_gets_the_wsgi_app_after_a_bottle_request():
+    """A greenlet keeps its last Bottle request bound: a Flask view must not answer from it."""
+    bottle = pytest.importorskip("bottle")
+    flask = pytest.importorskip("flask")
+    bottle_app = bottle.Bottle()
+    bottle_app.route("/greenchan.js", callback=greenchan.static.javascript)
+    flask_app = flask.Flask(__name__)
+    flask_app.add_url_rule("/flask/greenchan.js", view_func=greenchan.static.javascript)
+
+    def both(environ, start_response):
+        app = flask_app if environ["PATH_INFO"].startswith("/flask/") else bottle_app
+        return app(environ, start_response)
+
+    with Server(both, port=0) as server, requests.Session() as session:
+        base = f"http://127.0.0.1:{server.port}"
+        etag = session.get(f"{base}/greenchan.js", timeout=TIMEOUT).headers["ETag"]
+        # Same connection: the Bottle request is still bound in this greenlet.
+        r = session.get(f"{base}/flask/greenchan.js", timeout=TIMEOUT)
+        assert r.status_code == 200 and r.content == _source() and r.headers["ETag"] == etag
 
 
 def test_an_edited_file_is_served_anew(tmp_path):
