@@ -46,6 +46,8 @@ _VALUE = r"[\t\x20-\x7e\x80-\xff]*"
 _REQUEST_LINE = re.compile(r"(" + _TOKEN + r") ([\x21-\x7e]+) HTTP/([0-9])\.([0-9])\r\n")
 # All header lines of a request at once, each ending in CRLF: one C call.
 _FIELD_LINES = re.compile(r"(?:" + _TOKEN + r":" + _VALUE + r"\r\n)*")
+# Header fields whose duplicates matter for framing and routing.
+_FRAMING = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 _FIELD_LINE_BYTES = re.compile((_TOKEN + r":" + _VALUE + r"\r\n").encode("latin-1"))
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -169,53 +171,54 @@ def parse_headers(method: str, target: str, version: str, block: str) -> Request
     """The request, once its line is parsed, from its header block (see ``parse_request``)."""
     if _FIELD_LINES.fullmatch(block) is None:
         raise BadRequest(f"malformed header line in {_first_bad_line(block)!r}")
+    # The block is valid: each line is "name:value" (measured faster than a
+    # capturing regex). Framing headers are collected with their duplicates.
     items: List[Tuple[str, str]] = []
     first: dict = {}
-    lengths: List[str] = []
-    codings: List[str] = []
-    hosts = 0
-    connection = ""
+    framing: dict = {}
     for field in block.split("\r\n")[:-1]:
         name, _, value = field.partition(":")
         value = value.strip(" \t")
-        key = name.lower()
         items.append((name, value))
-        if key in first:
-            if key == "connection":
-                connection += "," + value
-        else:
+        key = name.lower()
+        if key not in first:
             first[key] = value
-            if key == "connection":
-                connection = value
-        if key == "content-length":
-            lengths.append(value)
-        elif key == "transfer-encoding":
-            codings.append(value)
-        elif key == "host":
-            hosts += 1
-            if _HOST.fullmatch(value) is None:
-                raise BadRequest(f"bad Host {value[:100]!r}")
+        if key in _FRAMING:
+            if key in framing:
+                framing[key].append(value)
+            else:
+                framing[key] = [value]
 
-    if hosts > 1:
+    hosts = framing.get("host", ())
+    if len(hosts) > 1:
         raise BadRequest("more than one Host header")
-    if hosts == 0 and version == "HTTP/1.1":
+    if hosts:
+        if _HOST.fullmatch(hosts[0]) is None:
+            raise BadRequest(f"bad Host {hosts[0][:100]!r}")
+    elif version == "HTTP/1.1":
         raise BadRequest("HTTP/1.1 request without Host")
     content_length: Optional[int] = None
-    if lengths:
+    lengths = framing.get("content-length")
+    if lengths is not None:
         content_length = _content_length(lengths)
         first["content-length"] = str(content_length)
     chunked = False
-    if codings:
+    codings = framing.get("transfer-encoding")
+    if codings is not None:
         if version == "HTTP/1.0":
             raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-        if lengths:
+        if lengths is not None:
             raise BadRequest("both Content-Length and Transfer-Encoding")
         _check_codings(codings)
         chunked = True
     if content_length and method == "HEAD":
         raise BadRequest("HEAD request with a body")
-    tokens = {token.strip(" \t").lower() for token in connection.split(",")} if connection else ()
-    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+    connection = framing.get("connection")
+    if connection is None:
+        keep_alive = version == "HTTP/1.1"
+    else:
+        tokens = {token.strip(" \t").lower() for value in connection for token in value.split(",")}
+        keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
     return Request(method, target, version, Headers(items, first), content_length, chunked, keep_alive)
 
 
