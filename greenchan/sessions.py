@@ -32,6 +32,7 @@ from gevent.hub import get_hub
 from .channel import Channel, CloseStatus, Event, run_handler
 from .forwarding import CLAIM_MS, Forwarder, forwarder
 from .options import Options
+from .origin import same_origin
 
 __all__ = ["serve", "session_params"]
 
@@ -66,6 +67,34 @@ def session_params(environ: dict) -> Optional[Dict[str, str]]:
     return {k: v[-1] for k, v in parse_qs(query).items() if k.startswith("gc_")}
 
 
+def page_origin(environ: dict) -> Optional[str]:
+    """The origin of the page that sent this request, as far as the server can tell.
+
+    Its ``Origin`` header; else, for a request the browser calls same-origin
+    (``Sec-Fetch-Site``: browsers send no ``Origin`` on same-origin GETs, an
+    EventSource's and a long-poll's included), ``"//"`` and the host it was sent
+    to. Without this a page of another origin served by the same server (another
+    host name) could read a stolen session over SSE or long-polling.
+    """
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None and environ.get("HTTP_SEC_FETCH_SITE", "").lower() == "same-origin":
+        return "//" + environ.get("HTTP_HOST", "")
+    return origin
+
+
+def _same_page(pinned: str, origin: str) -> bool:
+    """Whether two page origins (an Origin header, or "//" and a host) are the same."""
+    if pinned == origin:
+        return True
+    if pinned.startswith("//") and origin.startswith("//"):
+        return pinned.lower() == origin.lower()
+    if pinned.startswith("//"):
+        return same_origin(origin, pinned[2:])
+    if origin.startswith("//"):
+        return same_origin(pinned, origin[2:])
+    return False
+
+
 def _number(params: Dict[str, str], name: str, default: int = 0) -> int:
     try:
         return max(0, int(params.get(name, default)))
@@ -91,8 +120,8 @@ def serve(inner: Channel, handler: Callable, server: Any, options: Options, para
     fwd = forwarder(server) if session is None else None
     if fwd is not None and _forwarded(fwd, inner, params):
         return  # another process holds this session (forwarding.py)
-    origin = inner.environ.get("HTTP_ORIGIN")
-    if session is not None and origin is not None and session.origin not in (None, origin):
+    origin = page_origin(inner.environ)
+    if session is not None and origin is not None and session.origin is not None and not _same_page(session.origin, origin):
         log.warning("session %s… pinned to origin %r refused a request from %r", cid[:8], session.origin, origin)
         inner.reject(403, "This session belongs to another origin\n")
         return

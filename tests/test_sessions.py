@@ -271,3 +271,30 @@ def test_plain_requests_are_untouched(serve):
     assert requests.get(base(server), timeout=5).text == "welcome"
     assert requests.get(base(server), timeout=5).text == "welcome"
     assert counter.started == [None, None]
+
+
+def test_stolen_client_id_refused_on_same_origin_gets(serve):
+    """Browsers send no Origin on same-origin GETs (EventSource, a long-poll): the pin
+    falls back on the host such a request was sent to (Sec-Fetch-Site: same-origin)."""
+    counter = Counter()
+    server = serve(counter.app(), origins=["http://app.example", "http://other.example"])
+    client = cid()
+    same = {"Sec-Fetch-Site": "same-origin"}
+    owner = requests.get(base(server), params=q(client, "longpoll", gc_open=1),
+                         headers=dict(same, Host="app.example"), timeout=5)
+    assert owner.status_code == 200
+    for transport, accept in (("longpoll", "application/json"), ("sse", "text/event-stream")):
+        thief = requests.get(base(server), params=q(client, transport, gc_open=1), timeout=5,
+                             headers=dict(same, Host="other.example", Accept=accept))
+        assert thief.status_code == 403
+    stolen = requests.post(base(server), params=q(client, "longpoll", gc_seq=1), data="hi", timeout=5,
+                           headers={"Origin": "http://other.example", "Host": "app.example"})
+    assert stolen.status_code == 403
+    # the owner's own requests still pass: a POST carries its Origin, a GET its host
+    mine = requests.post(base(server), params=q(client, "longpoll", gc_seq=1), data="hi", timeout=5,
+                         headers={"Origin": "http://app.example", "Host": "app.example", "Content-Type": "text/plain"})
+    assert mine.status_code == 200 and mine.json()["in"] == 1
+    again = requests.get(base(server), params=q(client, "longpoll", gc_open=1, gc_sid=owner.json()["hello"]["sid"], gc_ack=1),
+                         headers=dict(same, Host="app.example"), timeout=5)
+    assert again.status_code == 200 and again.json()["f"] == ["1:hi"]
+    assert counter.started == [client]

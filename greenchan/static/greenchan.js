@@ -8,50 +8,41 @@
  *   chan.ondrop = function (e) { console.log("not sent:", e.data, e.reason); };
  *   chan.send("hello");   // false (and ondrop) when it cannot be queued
  *
- * WIRE CONVENTION (what a greenchan handler sees; one URL serves every transport)
+ * chan.onresume = function (e) { ... }  // after a reconnect: e.recovered (and e.group)
  *
- * Every request the client makes goes to the URL given to connect(), with these
- * query parameters added:
+ * WIRE CONVENTION: sessions (docs/sessions.md has it whole)
+ *
+ * Every request goes to the URL given to connect(), with query parameters:
+ *   gc_cid        128 random bits (crypto.getRandomValues), the same for the whole
+ *                 life of the connect() object: the server ties every request that
+ *                 carries it to one session, one channel, one run of the handler.
  *   gc_transport  "websocket" | "sse" | "longpoll"
- *   gc_cid        a random client id, the same for the whole life of the connect()
- *                 object (across reconnects and transports): it ties the POSTs
- *                 and the GETs of one logical session together.
- *   gc_last       the id of the last message received, when there is one (the SSE
- *                 event id, the Greenchan-Event-Id header of a long-poll
- *                 response, or whatever the page stored in `chan.lastEventId`):
- *                 a server that keeps a short history can send what was missed.
- *   gc_open=1     only on the first GET of each long-poll (re)connection.
+ *   gc_sid        the session instance named by the server's last hello
+ *   gc_ack        how many frames of that instance this client has received
+ *   gc_next       the number of the oldest message not yet confirmed by the server
+ *   gc_seq        (POST) the number of the message in the body; gc_close=1 ends it
+ *   gc_open=1     the first long-poll GET of a connection: answered at once
+ *   gc_last       per group, the id of the last message received, space separated
  *
- * WebSocket   a plain WebSocket to the URL (http -> ws, https -> wss); text and
- *             binary messages both ways (binary arrives as an ArrayBuffer).
- * SSE         GET with `Accept: text/event-stream` (EventSource). The server
- *             answers with a stream of `Event`s: each unnamed event's data is one
- *             message, its `id` becomes gc_last. The server must start the stream
- *             at once (send any first Event, e.g. a named one such as
- *             Event("", event="greenchan-open"); named events are not delivered
- *             as messages), because the client waits for the response headers to
- *             call the transport open.
- * long-poll   GET; each response carries at most one message:
- *               200  body = one message (text, or an ArrayBuffer when the
- *                    Content-Type is application/octet-stream); an optional
- *                    `Greenchan-Event-Id` response header becomes gc_last;
- *               204  no message (the server's wait timed out, or the answer to
- *                    gc_open=1 with nothing pending); the client polls again.
- *             A request with gc_open=1 must be answered at once (a pending
- *             message or 204): it is how the client knows the server is there.
- *             Messages that arrive between two polls are the server's to keep
- *             (gc_last tells it where the client is).
- * client -> server over SSE and long-poll: one POST per message, one at a time
- *             in order, body = the message, Content-Type
- *             `text/plain;charset=UTF-8` for a string (the handler receives a
- *             str) or `application/octet-stream` for binary (bytes). Any 2xx
- *             means delivered. 4xx (except 408 and 429) drops the message with
- *             an `ondrop` event; a network error, 408, 429 or 5xx keeps it queued
- *             and reconnects, so a message may be delivered twice but is never
- *             lost silently.
+ * The server numbers what it sends (frames: messages, and control frames as JSON)
+ * and resends on every reconnect what comes after gc_ack; every carrier starts
+ * with a "hello" {sid, new, in} ("in": client messages received so far), after
+ * which the client resends its messages after "in". So every message reaches the
+ * other side once and in order, over any transport, across drops.
  *
- * Over a WebSocket there are no acknowledgements: a message handed to an open
- * socket that dies just after is lost by the network, as with any WebSocket.
+ * WebSocket   text and binary frames are messages; a text frame starting with
+ *             U+0000 is a control frame (JSON after it); a message that starts
+ *             with U+0000 gets a second one in front, both ways. Acks both ways:
+ *             {"ack": n}. Closing with code 1000 ends the session.
+ * SSE         unnamed events are text messages; "gct" a text as a JSON string
+ *             (one with a CR); "gcb" binary in base64; "gc" a control frame.
+ *             Acks: an empty POST with gc_ack.
+ * long-poll   GET answered 200 {"hello"?, "from": n, "f": [frame...]}, a frame
+ *             being a string, {"b": base64} or {"c": control}.
+ * POST        one message per POST, in order; 200 {"in": n} confirms it.
+ *
+ * Plain clients (curl, a plain EventSource or WebSocket) send no gc_cid and get
+ * plain channels, one per request or connection.
  */
 (function (root) {
   "use strict";
@@ -87,16 +78,12 @@
     lastEventId: ""
   };
 
-  var EVENTS = ["open", "message", "close", "reconnecting", "error", "drop"];
+  var EVENTS = ["open", "message", "close", "reconnecting", "error", "drop", "resume"];
 
   function randomId() {
-    var bytes = new Uint8Array(12);
-    var c = root.crypto;
-    if (c && c.getRandomValues) {
-      c.getRandomValues(bytes);
-    } else {
-      for (var i = 0; i < bytes.length; i++) bytes[i] = Math.floor(Math.random() * 256);
-    }
+    // 128 bits: the client id is a capability (whoever has it can read the session).
+    var bytes = new Uint8Array(16);
+    root.crypto.getRandomValues(bytes);
     return Array.prototype.map.call(bytes, function (b) {
       return (b < 16 ? "0" : "") + b.toString(16);
     }).join("");
@@ -107,6 +94,13 @@
       (typeof Blob !== "undefined" && data instanceof Blob);
   }
 
+  function fromBase64(text) {
+    var bin = root.atob(text);
+    var out = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+    return out.buffer;
+  }
+
   function available(name) {
     if (name === "websocket") return !!root.WebSocket;
     if (name === "sse") return !!root.EventSource && !!root.fetch;
@@ -115,9 +109,9 @@
   }
 
   // ---------------------------------------------------------------- transports
-  // A driver opens one transport once. It reports `open()` at most once, then
-  // `message(data, id)` any number of times, then `down(info)` exactly once
-  // (whether it ever opened or not), unless the connection stops it first.
+  // A driver opens one transport once. It reports `hello(h)` when the server's
+  // hello arrives (that opens it), then `frame(f)` for each frame, then `down(info)`
+  // exactly once (whether it ever opened or not), unless the connection stops it first.
 
   function Driver(conn, name) {
     this.conn = conn;
@@ -132,14 +126,15 @@
       self.fail({reason: self.name + " did not open within " + self.conn.options.connectTimeout + " ms"});
     }, this.conn.options.connectTimeout);
   };
-  Driver.prototype.markOpen = function () {
-    if (this.done || this.opened) return;
+  Driver.prototype.hello = function (h) {
+    if (this.done) return;
     clearTimeout(this.timer);
+    var first = !this.opened;
     this.opened = true;
-    this.conn._driverOpen(this);
+    this.conn._hello(this, h, first);
   };
-  Driver.prototype.deliver = function (data, id) {
-    if (!this.done) this.conn._driverMessage(this, data, id);
+  Driver.prototype.frame = function (f) {
+    if (!this.done) this.conn._frame(this, f);
   };
   Driver.prototype.fail = function (info) {
     if (this.done) return;
@@ -149,6 +144,7 @@
   Driver.prototype.stop = function () {
     this.done = true;
     clearTimeout(this.timer);
+    clearTimeout(this.ackTimer);
     this.close();
   };
 
@@ -166,28 +162,47 @@
       return;
     }
     this.ws.binaryType = "arraybuffer";
-    this.ws.onopen = function () { self.markOpen(); };
-    this.ws.onmessage = function (e) { self.deliver(e.data, ""); };
+    this.ws.onmessage = function (e) {
+      var data = e.data;
+      if (typeof data === "string" && data.charCodeAt(0) === 0) {
+        if (data.charCodeAt(1) !== 0) {
+          var c = JSON.parse(data.slice(1));
+          if (c.hello) self.hello(c.hello);
+          else if (typeof c.ack === "number") self.conn._confirm(c.ack);
+          else self.frame({c: c});
+          return;
+        }
+        data = data.slice(1);
+      }
+      self.frame({m: data});
+    };
     this.ws.onclose = function (e) {
       self.fail({code: e.code, reason: e.reason || "websocket closed", wasClean: e.wasClean});
     };
   }
   WebSocketDriver.prototype = Object.create(Driver.prototype);
-  WebSocketDriver.prototype.trySend = function (data) {
-    if (!this.opened || this.done || !this.ws || this.ws.readyState !== 1) return false;
-    this.ws.send(data);
-    return true;
-  };
   WebSocketDriver.prototype.flush = function () {
+    // Everything not yet written on this socket, in order (kept until confirmed).
     var q = this.conn._queue;
-    while (q.length && this.trySend(q[0])) q.shift();
+    var ws = this.ws;
+    if (!this.opened || this.done || !ws || ws.readyState !== 1) return;
+    for (var i = 0; i < q.length; i++) {
+      if (q[i].ws === this) continue;
+      var data = q[i].data;
+      ws.send(typeof data === "string" && data.charCodeAt(0) === 0 ? "\u0000" + data : data);
+      q[i].ws = this;
+    }
   };
-  WebSocketDriver.prototype.close = function () {
+  WebSocketDriver.prototype.ack = function (n) {
+    if (this.ws && this.ws.readyState === 1) this.ws.send("\u0000" + JSON.stringify({ack: n}));
+  };
+  WebSocketDriver.prototype.close = function (code) {
     var ws = this.ws;
     this.ws = null;
     if (!ws) return;
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
-    try { ws.close(1000); } catch (err) { /* already closing */ }
+    // 1000 ends the session on the server; anything else is a drop it waits out.
+    try { ws.close(code || 4000, code ? "closed by the client" : "reconnecting"); } catch (err) { /* closing */ }
   };
 
   // The HTTP fallbacks share the POST pump: one request at a time, in order.
@@ -197,7 +212,6 @@
     this.aborts = [];
   }
   HttpDriver.prototype = Object.create(Driver.prototype);
-  HttpDriver.prototype.trySend = function () { return false; };
   HttpDriver.prototype.request = function (url, init, timeout) {
     // fetch with a deadline; the abort controller is kept so stop() can cancel it.
     var ctrl = new AbortController();
@@ -226,28 +240,44 @@
     var self = this;
     var conn = this.conn;
     if (this.posting || this.done || !this.opened || !conn._queue.length) return;
-    var data = conn._queue[0];
-    var binary = isBinary(data);
+    var entry = conn._queue[0];
+    var binary = isBinary(entry.data);
     this.posting = true;
-    this.request(conn._url(this.name, {}), {
+    this.request(conn._url(this.name, {gc_seq: entry.seq}), {
       method: "POST",
-      body: data,
+      body: entry.data,
       headers: {"Content-Type": binary ? "application/octet-stream" : "text/plain;charset=UTF-8"}
     }, conn.options.postTimeout).then(function (resp) {
       self.posting = false;
       if (self.done) return;
       var s = resp.status;
-      if (resp.ok || (s >= 400 && s < 500 && s !== 408 && s !== 429)) {
-        if (conn._queue[0] === data) conn._queue.shift();
-        if (!resp.ok) conn._drop(data, "rejected by the server: HTTP " + s);
+      if (resp.ok) {
+        return resp.json().then(function (body) {
+          if (self.done) return;
+          if (body.sid === conn._sid) conn._confirm(body["in"]);
+          if (conn._queue[0] === entry) conn._queue.shift();  // delivered, or seen before
+          self.flush();
+        });
+      }
+      if (s === 410) {
+        conn._finish({code: 1000, reason: "closed by the server", wasClean: true});
+      } else if (s >= 400 && s < 500 && s !== 408 && s !== 409 && s !== 429) {
+        if (conn._queue[0] === entry) conn._queue.shift();
+        conn._drop(entry.data, "rejected by the server: HTTP " + s);
         self.flush();
       } else {
         self.fail({code: s, reason: "POST answered HTTP " + s});
       }
-    }, function (err) {
+    }).catch(function (err) {
       self.posting = false;
-      self.fail({reason: "POST failed: " + (err.timedOut ? "timed out" : err.message)});
+      self.fail({reason: "POST failed: " + (err && err.timedOut ? "timed out" : err && err.message)});
     });
+  };
+  HttpDriver.prototype.ack = function () {
+    // An empty POST that only acknowledges (SSE; long-polls acknowledge with the next GET).
+    if (this.name !== "sse") return;
+    this.request(this.conn._url("sse", {}), {method: "POST", body: ""}, this.conn.options.postTimeout)
+      .catch(function () { /* the next one, or the reconnect, carries it */ });
   };
   HttpDriver.prototype.close = function () {
     var aborts = this.aborts.splice(0);
@@ -259,8 +289,14 @@
     var self = this;
     this.startTimer();
     this.es = new root.EventSource(conn._url("sse", {}).href, {withCredentials: !!conn.options.withCredentials});
-    this.es.onopen = function () { self.markOpen(); };
-    this.es.onmessage = function (e) { self.deliver(e.data, e.lastEventId); };
+    this.es.onmessage = function (e) { self.frame({m: e.data}); };
+    this.es.addEventListener("gct", function (e) { self.frame({m: JSON.parse(e.data)}); });
+    this.es.addEventListener("gcb", function (e) { self.frame({m: fromBase64(e.data)}); });
+    this.es.addEventListener("gc", function (e) {
+      var c = JSON.parse(e.data);
+      if (c.hello) self.hello(c.hello);
+      else self.frame({c: c});
+    });
     // EventSource would reconnect by itself, without backoff or our events: stop it.
     this.es.onerror = function () { self.fail({reason: "event stream ended"}); };
   }
@@ -270,7 +306,7 @@
     var es = this.es;
     this.es = null;
     if (!es) return;
-    es.onopen = es.onmessage = es.onerror = null;
+    es.onmessage = es.onerror = null;
     es.close();
   };
 
@@ -283,32 +319,28 @@
     var self = this;
     var conn = this.conn;
     if (this.done) return;
-    var started = Date.now();
     var timeout = opening ? conn.options.connectTimeout : conn.options.pollTimeout;
     this.request(conn._url("longpoll", opening ? {gc_open: "1"} : {}), {
       method: "GET",
-      headers: {"Accept": "application/json, text/plain, */*"}
+      headers: {"Accept": "application/json"}
     }, timeout).then(function (resp) {
       if (self.done) return;
-      if (resp.status === 204) {
-        self.markOpen();
-        // A server that answers every poll at once would make us spin: pause a little.
-        var quick = !opening && Date.now() - started < 1000;
-        if (quick) self.timer = setTimeout(function () { self.poll(false); }, 1000);
-        else self.poll(false);
-        return;
-      }
       if (!resp.ok) {
         self.fail({code: resp.status, reason: "poll answered HTTP " + resp.status});
         return;
       }
-      var type = resp.headers.get("Content-Type") || "";
-      var id = resp.headers.get("Greenchan-Event-Id") || "";
-      var body = type.indexOf("application/octet-stream") === 0 ? resp.arrayBuffer() : resp.text();
-      return body.then(function (data) {
+      return resp.json().then(function (body) {
         if (self.done) return;
-        self.markOpen();
-        self.deliver(data, id);
+        if (body.hello) self.hello(body.hello);
+        else if (!self.opened) throw new Error("no hello");
+        // Frames before what this client has are already taken (a stale ack).
+        var skip = conn._recv - body.from;
+        for (var i = Math.max(0, skip); i < body.f.length && !self.done; i++) {
+          var f = body.f[i];
+          if (typeof f === "string") self.frame({m: f});
+          else if (f.b !== undefined) self.frame({m: fromBase64(f.b)});
+          else self.frame({c: f.c});
+        }
         self.poll(false);
       });
     }).catch(function (err) {
@@ -333,11 +365,21 @@
     if (this.url.protocol === "wss:") this.url.protocol = "https:";
     this.transports = (opts.transports || []).filter(function (t) { return DRIVERS[t]; });
     this.clientId = randomId();
+    // Per group, the id of the last message received: what a new session resumes from.
+    this.lastEventIds = {};
     this.lastEventId = opts.lastEventId || "";
     this.transport = null;  // "websocket" | "sse" | "longpoll" while open, else the last one
     this.state = "connecting";  // "connecting" | "open" | "reconnecting" | "closed"
     this.reconnectAttempt = 0;
+    // Messages not yet confirmed by the server: {seq, data, ws}.
     this._queue = [];
+    this._seq = 0;  // the number of the last message queued
+    this._sid = "";  // the session instance of the last hello
+    this._recv = 0;  // frames of that instance received
+    this._acked = 0;  // the last count acknowledged
+    this._ackBytes = 0;
+    this._ackTimer = null;
+    this._nextId = null;  // the group and id of the next message
     this._driver = null;
     this._order = [];
     this._next = 0;
@@ -374,29 +416,39 @@
     }
   };
 
-  /** Queues or sends `data` (a string or binary); false when it cannot be kept. */
+  /** Queues `data` (a string or binary) until the server confirms it; false when it cannot. */
   Connection.prototype.send = function (data) {
     if (this.state === "closed") {
       this._drop(data, "closed");
       return false;
     }
-    var d = this._driver;
-    if (d && d.opened && !this._queue.length && d.trySend(data)) return true;
     if (this._queue.length >= this.options.maxQueue) {
       this._drop(data, "queue full (" + this.options.maxQueue + " messages)");
       return false;
     }
-    this._queue.push(data);
+    this._queue.push({seq: ++this._seq, data: data, ws: null});
+    var d = this._driver;
     if (d && d.opened) d.flush();
     return true;
   };
 
-  /** Messages accepted by send() and not yet handed to the network. */
+  /** Messages accepted by send() and not yet confirmed by the server. */
   Object.defineProperty(Connection.prototype, "queued", {get: function () { return this._queue.length; }});
 
-  /** Closes for good; queued messages are reported through `ondrop`. */
+  /** Closes for good (the server's on_close runs now); unsent messages go to `ondrop`. */
   Connection.prototype.close = function () {
     if (this.state === "closed") return;
+    var d = this._driver;
+    if (d && d.name === "websocket" && d.opened) {
+      this._driver = null;
+      d.done = true;
+      clearTimeout(d.timer);
+      d.close(1000);
+    } else if (this._sid && root.fetch) {
+      root.fetch(this._url(this.transport || "longpoll", {gc_close: "1"}).href,
+        {method: "POST", keepalive: true, cache: "no-store",
+         credentials: this.options.withCredentials ? "include" : "same-origin"}).catch(function () {});
+    }
     this._finish({code: 1000, reason: "closed by the client", wasClean: true});
   };
 
@@ -407,10 +459,17 @@
 
   Connection.prototype._url = function (transport, extra) {
     var u = new URL(this.url.href);
-    u.searchParams.set("gc_transport", transport);
-    u.searchParams.set("gc_cid", this.clientId);
-    if (this.lastEventId) u.searchParams.set("gc_last", this.lastEventId);
-    Object.keys(extra).forEach(function (k) { u.searchParams.set(k, extra[k]); });
+    var p = u.searchParams;
+    p.set("gc_transport", transport);
+    p.set("gc_cid", this.clientId);
+    if (this._sid) p.set("gc_sid", this._sid);
+    p.set("gc_ack", String(this._recv));
+    p.set("gc_next", String(this._queue.length ? this._queue[0].seq : this._seq + 1));
+    var ids = Object.keys(this.lastEventIds).map(function (g) { return this.lastEventIds[g]; }, this);
+    var last = ids.length ? ids.join(" ") : this.lastEventId;
+    if (last) p.set("gc_last", last);
+    Object.keys(extra).forEach(function (k) { p.set(k, extra[k]); });
+    if (this._sid) this._acked = this._recv;
     return u;
   };
 
@@ -441,8 +500,21 @@
     this._driver = new DRIVERS[name](this);
   };
 
-  Connection.prototype._driverOpen = function (driver) {
+  Connection.prototype._hello = function (driver, h, first) {
     if (driver !== this._driver) return;
+    var resumed = null;
+    if (h.sid !== this._sid) {
+      // A session instance this client has not seen: count its frames from 0.
+      if (this._sid) resumed = false;
+      this._sid = h.sid;
+      this._recv = 0;
+      this._acked = 0;
+    } else if (this._everOpened && first) {
+      resumed = true;  // the same session: what was missed comes now
+    }
+    this._confirm(h["in"]);
+    this._queue.forEach(function (entry) { entry.ws = null; });
+    if (!first) return;
     var reconnected = this._everOpened;
     this._everOpened = true;
     this.state = "open";
@@ -453,17 +525,71 @@
     this._stableTimer = setTimeout(function () { self.reconnectAttempt = 0; }, this.options.stableAfter);
     driver.flush();  // what was queued goes before what onopen sends
     this._emit("open", {transport: driver.name, reconnected: reconnected});
+    if (resumed === true) this._emit("resume", {recovered: true, group: null});
   };
 
-  Connection.prototype._driverMessage = function (driver, data, id) {
+  Connection.prototype._confirm = function (n) {
+    var q = this._queue;
+    while (q.length && q[0].seq <= n) q.shift();
+  };
+
+  Connection.prototype._frame = function (driver, f) {
     if (driver !== this._driver) return;
-    if (id) this.lastEventId = id;
-    this._emit("message", {data: data, lastEventId: id || "", transport: driver.name});
+    this._recv += 1;
+    if (f.c) {
+      var c = f.c;
+      if (c.id) this._nextId = c.id;
+      else if (c.pos) this._setId(c.pos[0], c.pos[1]);
+      else if (c.resume) this._emit("resume", {group: c.resume[0], recovered: !!c.resume[1]});
+      else if (c.close) {
+        this._finish({code: c.close[0], reason: c.close[1], wasClean: true});
+        return;
+      }
+    } else {
+      var id = "";
+      if (this._nextId) {
+        id = this._nextId[1];
+        this._setId(this._nextId[0], id);
+        this._nextId = null;
+      }
+      var data = f.m;
+      this._ackBytes += typeof data === "string" ? data.length : data.byteLength;
+      this._emit("message", {data: data, lastEventId: id, transport: driver.name});
+    }
+    this._scheduleAck(driver);
+  };
+
+  Connection.prototype._setId = function (group, id) {
+    this.lastEventIds[group] = id;
+    this.lastEventId = id;
+  };
+
+  Connection.prototype._scheduleAck = function (driver) {
+    // The server keeps each frame until acknowledged: every 8 frames or 32 KiB,
+    // and soon after the first one (long-polls acknowledge with their next GET).
+    if (driver.name === "longpoll" || this.state === "closed") return;
+    var self = this;
+    if (this._recv - this._acked >= 8 || this._ackBytes >= 32768) {
+      this._sendAck(driver);
+    } else if (!this._ackTimer) {
+      this._ackTimer = setTimeout(function () { self._sendAck(driver); }, driver.name === "sse" ? 500 : 200);
+    }
+  };
+
+  Connection.prototype._sendAck = function (driver) {
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
+    this._ackBytes = 0;
+    if (driver !== this._driver || this._recv === this._acked) return;
+    this._acked = this._recv;
+    driver.ack(this._recv);
   };
 
   Connection.prototype._driverDown = function (driver, info) {
     if (driver !== this._driver) return;
     this._driver = null;
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
     info.transport = driver.name;
     clearTimeout(this._stableTimer);
     if (driver.opened) {
@@ -497,20 +623,22 @@
   };
 
   Connection.prototype._finish = function (event) {
+    if (this.state === "closed") return;
     this.state = "closed";
     clearTimeout(this._timer);
     clearTimeout(this._stableTimer);
+    clearTimeout(this._ackTimer);
     if (root.removeEventListener) root.removeEventListener("online", this._online);
     var d = this._driver;
     this._driver = null;
     if (d) d.stop();
     var left = this._queue.splice(0);
-    for (var i = 0; i < left.length; i++) this._drop(left[i], "closed before it could be sent");
+    for (var i = 0; i < left.length; i++) this._drop(left[i].data, "closed before it could be sent");
     this._emit("close", event);
   };
 
   root.greenchan = {
-    version: "1",
+    version: "2",
     connect: function (url, options) { return new Connection(url, options); },
     Connection: Connection,
     defaults: DEFAULTS
