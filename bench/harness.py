@@ -32,7 +32,24 @@ class BenchError(RuntimeError):
 
 
 def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (and its reaped children: none here)."""
+    """CPU seconds a process has run, all its threads.
+
+    From /proc/<pid>/task/*/schedstat (nanoseconds) when the kernel has it: the
+    utime + stime of /proc/<pid>/stat count in 10 ms ticks, too coarse for the CPU
+    of one broadcast. Falls back to /proc/<pid>/stat.
+    """
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (FileNotFoundError, ProcessLookupError):   # a thread that just ended
+                pass
+        if total:
+            return total / 1e9
+    except OSError:
+        pass
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     # After the ")" of comm, field 3 (state) is index 0, so utime (14) is index 11.
@@ -87,17 +104,19 @@ def _kill_group(p: subprocess.Popen) -> None:
 class Server:
     """One server process, pinned to core 0; use as a context manager."""
 
-    def __init__(self, script: str, *args: str, python: str = sys.executable, timeout: float = 20):
-        self.cmd = ["taskset", "-c", SERVER_CORE, python, str(SERVERS_DIR / script), "0", *args]
+    def __init__(self, script: str, *args: str, python: str = sys.executable, timeout: float = 20,
+                 env: dict | None = None, core: str = SERVER_CORE):
+        self.cmd = ["taskset", "-c", core, python, str(SERVERS_DIR / script), "0", *args]
+        self.env = {**os.environ, **env} if env else None
         self.timeout = timeout
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.note = ""   # what the server says it could not do as asked
-        self.stderr_path = Path(f"/tmp/greenchan-bench-{os.getpid()}-{script}.err")
+        self.stderr_path = Path(f"/tmp/greenchan-bench-{os.getpid()}-{id(self)}-{script}.err")
 
     def __enter__(self) -> "Server":
         err = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=err,
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=err, env=self.env,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         err.close()
         try:
@@ -191,6 +210,11 @@ def run_client(server: Server, mode: str, timeout: float, **params) -> dict:
             if line == "START":
                 marks["cpu0"], marks["t0"] = server.cpu_s(), time.monotonic()
                 marks["busy0"] = machine_busy_s()
+            elif line == "STOP":
+                # The window ends before the client's own wind-down (open-loop echo
+                # waits for late replies): CPU is sampled here, not at the result.
+                marks["cpu1"], marks["t1"] = server.cpu_s(), time.monotonic()
+                marks["busy1"] = machine_busy_s()
             elif line.startswith("WARM "):
                 time.sleep(1.0)
                 marks["rss0"] = server.rss_kib()
@@ -203,13 +227,16 @@ def run_client(server: Server, mode: str, timeout: float, **params) -> dict:
             elif line.startswith("{"):
                 result = json.loads(line)
                 if "cpu0" in marks and server.alive():
-                    cpu = server.cpu_s() - marks["cpu0"]
-                    wall = time.monotonic() - marks["t0"]
+                    if "cpu1" not in marks:
+                        marks["cpu1"], marks["t1"] = server.cpu_s(), time.monotonic()
+                        marks["busy1"] = machine_busy_s()
+                    cpu = marks["cpu1"] - marks["cpu0"]
+                    wall = marks["t1"] - marks["t0"]
                     result["server_cpu_s"] = cpu
                     result["server_cpu_pct"] = 100 * cpu / wall if wall > 0 else None
                     # What neither the server nor the client used: other work on the
                     # machine during the window, in % of one core. High means noise.
-                    other = machine_busy_s() - marks["busy0"] - cpu - result.get("client_cpu_s", 0)
+                    other = marks["busy1"] - marks["busy0"] - cpu - result.get("client_cpu_s", 0)
                     result["other_cpu_pct"] = max(0.0, 100 * other / wall) if wall > 0 else None
                 result["loadavg_1m"] = load
                 if "rss1" in marks:

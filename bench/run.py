@@ -33,6 +33,8 @@ class Peer:
     script: str
     kind: str   # "ws": WebSocket echo and broadcast; "tcp": raw echo; "http": HTTP only
     http: bool = False   # serves /poll, /stream and /idle
+    env: dict = field(default_factory=dict)   # extra environment for the server process
+    default: bool = True   # run when no -s is given (variants for experiments are not)
 
 
 SERVERS = [
@@ -44,8 +46,17 @@ SERVERS = [
     Peer("raw-gevent-tcp", "raw_gevent_tcp.py", "tcp"),
     Peer("raw-asyncio-tcp", "raw_asyncio_tcp.py", "tcp"),
     Peer("pywsgi", "pywsgi_server.py", "http", http=True),
+    Peer("floor", "floor_server.py", "floor"),
+    # greenchan with the garbage collector tuned (bench/servers/greenchan_server.py reads
+    # BENCH_GC): experiments for where the tail comes from, not run unless named.
+    Peer("greenchan-freeze", "greenchan_server.py", "ws", env={"BENCH_GC": "freeze"}, default=False),
+    Peer("greenchan-gen0", "greenchan_server.py", "ws", env={"BENCH_GC": "gen0=50000"}, default=False),
+    Peer("greenchan-gcfg", "greenchan_server.py", "ws", env={"BENCH_GC": "freeze,gen0=50000"}, default=False),
+    Peer("greenchan-nogc", "greenchan_server.py", "ws", env={"BENCH_GC": "off"}, default=False),
 ]
 BY_NAME = {p.name: p for p in SERVERS}
+# The real peers ("best peer" in the targets): not the floors, not greenchan's variants.
+PEERS = ("gevent-websocket", "flask-sock", "websockets", "aiohttp")
 
 
 @dataclass
@@ -71,6 +82,20 @@ def _echo(conns: int, size: int, binary: bool = False):
                               zero_mask=binary, **params)
         return run_client(srv, "ws-echo-raw", o.duration + o.warmup + 30,
                           url=f"ws://127.0.0.1:{srv.port}/echo", binary=binary, **params)
+    return run
+
+
+def _echo_open(rate: int):
+    def run(peer: Peer, srv: Server, o) -> dict:
+        r = run_client(srv, "ws-echo-open", o.duration + o.warmup + 40,
+                       url=f"ws://127.0.0.1:{srv.port}/echo", conns=512, size=32, rate=rate,
+                       duration=o.duration, warmup=o.warmup, drain=2)
+        cpu = r.get("server_cpu_s")
+        r["us_per_msg"] = 1e6 * cpu / r["messages"] if cpu and r.get("messages") else None
+        if r.get("saturated"):
+            r["note"] = (f"saturated: {r['rate']:,.0f} of {rate:,} msg/s echoed, "
+                         f"{r['late']} replies late or missing")
+        return r
     return run
 
 
@@ -123,24 +148,39 @@ WORKLOADS = [
              target="≥ 1.4x fastest peer"),
     Workload("echo-256k", "echo 256 KiB binary, 16 conns", "MB/s", True, is_ws_or_tcp,
              _echo(16, 256 * 1024, binary=True), target="≥ 1.3x fastest peer"),
+    Workload("echo-open-5k", "open-loop echo, 512 conns, 5k msg/s offered", "µs CPU/msg", False,
+             lambda p: p.kind == "ws", _echo_open(5000),
+             target="≥ 1.4x lowest peer; p99 ≤ every peer"),
+    Workload("echo-open-20k", "open-loop echo, 512 conns, 20k msg/s offered", "µs CPU/msg", False,
+             lambda p: p.kind == "ws", _echo_open(20000),
+             target="≥ 1.4x lowest peer; p99 ≤ every peer"),
+    Workload("echo-open-40k", "open-loop echo, 512 conns, 40k msg/s offered", "µs CPU/msg", False,
+             lambda p: p.kind == "ws", _echo_open(40000),
+             target="≥ 1.4x lowest peer; p99 ≤ every peer"),
     Workload("idle-ws", "idle memory per WebSocket", "KiB", False, lambda p: p.kind == "ws",
              _idle("/echo", http=False), target="< 10 KiB"),
     Workload("idle-poll", "idle memory per long-poll", "KiB", False, lambda p: p.http,
              _idle("/idle", http=True)),
-    Workload("fanout-1000", "broadcast to 1,000 subscribers", "ms", False, lambda p: p.kind == "ws",
-             _fanout(1000), target="< 5 ms"),
-    Workload("fanout-5000", "broadcast to 5,000 subscribers", "ms", False, lambda p: p.kind == "ws",
-             _fanout(5000), target="linear: ≤ 5x fanout-1000"),
+    Workload("fanout-1000", "broadcast to 1,000 subscribers", "ms", False, lambda p: p.kind in ("ws", "floor"),
+             _fanout(1000), target="≤ 1.1x floor; p99 ≤ every peer"),
+    Workload("fanout-5000", "broadcast to 5,000 subscribers", "ms", False, lambda p: p.kind in ("ws", "floor"),
+             _fanout(5000), target="≤ 1.1x floor; p99 ≤ every peer"),
     Workload("poll", "long-poll requests, 64 conns", "req/s", True, lambda p: p.http, _http("/poll"),
              target="≥ 0.9x pywsgi"),
     Workload("stream", "streamed responses (3 chunks), 64 conns", "req/s", True, lambda p: p.http,
              _http("/stream")),
 ]
 BY_WORKLOAD = {w.name: w for w in WORKLOADS}
+# Names for several workloads at once (-w fanout, -w echo-open).
+GROUPS = {"fanout": ["fanout-1000", "fanout-5000"],
+          "echo-open": ["echo-open-5k", "echo-open-20k", "echo-open-40k"],
+          "echo": ["echo-1", "echo-64", "echo-512", "echo-256k"]}
 
 
 def value_of(w: Workload, r: dict) -> float | None:
     """The workload's headline figure from one result."""
+    if w.name.startswith("echo-open"):
+        return r.get("us_per_msg")
     if w.name.startswith("echo"):
         return _echo_value(r, w.name == "echo-256k")
     if w.name.startswith("idle"):
@@ -160,6 +200,8 @@ def per_cpu_of(w: Workload, r: dict) -> float | None:
     if w.name.startswith("fanout"):
         n = (r.get("rounds") or 0) + (r.get("lost") or 0)
         return 1000 * cpu / n if n else None
+    if w.name.startswith("echo-open"):
+        return r.get("us_per_msg")   # already per CPU
     if w.name == "echo-256k":
         return r["mb_per_s"] * r["elapsed_s"] / cpu
     if w.name.startswith("echo") or w.name in ("poll", "stream"):
@@ -167,7 +209,8 @@ def per_cpu_of(w: Workload, r: dict) -> float | None:
     return None
 
 
-PER_CPU_UNIT = {"msg/s": "msg/CPU-s", "MB/s": "MB/CPU-s", "req/s": "req/CPU-s", "ms": "CPU-ms/broadcast"}
+PER_CPU_UNIT = {"msg/s": "msg/CPU-s", "MB/s": "MB/CPU-s", "req/s": "req/CPU-s", "ms": "CPU-ms/broadcast",
+                "µs CPU/msg": "µs CPU/msg"}
 
 
 def fmt(v: float | None, unit: str) -> str:
@@ -189,47 +232,106 @@ def advantage(w: Workload, gc: float | None, peer: float | None) -> float | None
     return gc / peer if w.higher_is_better else peer / gc
 
 
+def one_run(w: Workload, peer: Peer, o) -> dict:
+    """One figure (the best of --repeat tries) from a fresh server."""
+    best = None
+    for attempt in range(o.repeat):
+        busy_before = wait_quiet(o.quiet_wait)
+        try:
+            with Server(peer.script, env=peer.env) as srv:
+                r = w.run(peer, srv, o)
+                if srv.note and w.name.startswith("fanout"):
+                    r["note"] = srv.note
+            r["value"] = value_of(w, r)
+            r["per_cpu"] = per_cpu_of(w, r)
+            r["client_bound"] = (r.get("client_cpu_pct") or 0) >= 90
+            r["busy_before"] = busy_before
+        except BenchError as exc:
+            r = {"error": str(exc)[:2000]}
+        except Exception as exc:   # one broken server must not stop the suite
+            r = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        # Best of the repeats: noise on a shared machine only ever makes a
+        # figure worse.
+        if best is None or "error" in best or (
+                "value" in r and r["value"] is not None and best.get("value") is not None
+                and (r["value"] > best["value"]) == w.higher_is_better):
+            best = r
+        if "error" in r:
+            break
+    return best
+
+
+def _median(xs: list) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def combine(w: Workload, runs: list) -> dict:
+    """The median of several rounds: each figure (headline, p50, p99, per CPU) is the
+    median of its own values; the rounds' values are kept beside it."""
+    good = [r for r in runs if "error" not in r and r.get("value") is not None]
+    if not good:
+        return runs[0] if runs else {"error": "no run"}
+    if len(good) == 1 and len(runs) == 1:
+        return good[0]
+    good.sort(key=lambda r: r["value"])
+    out = dict(good[(len(good) - 1) // 2])
+    for k in ("value", "p50_ms", "p99_ms", "per_cpu", "server_cpu_pct", "client_cpu_pct",
+              "other_cpu_pct", "us_per_msg", "rate"):
+        if any(k in r for r in good):
+            out[k] = _median([r.get(k) for r in good])
+    out["runs"] = [{"value": r.get("value"), "p99_ms": r.get("p99_ms"), "per_cpu": r.get("per_cpu"),
+                    "max_ms": r.get("max_ms"), "saturated": r.get("saturated"),
+                    "other_cpu_pct": r.get("other_cpu_pct")} for r in runs if "error" not in r]
+    out["saturated"] = any(r.get("saturated") for r in good)
+    errors = [r["error"] for r in runs if "error" in r]
+    notes = [out.get("note", "")] if out.get("note") else []
+    vals = ", ".join(f"{r['value']:.3g}" for r in good)
+    p99s = ", ".join(f"{r['p99_ms']:.3g}" for r in good if r.get("p99_ms") is not None)
+    notes.append(f"median of {len(good)} rounds: {vals}" + (f" (p99 {p99s})" if p99s else ""))
+    if errors:
+        notes.append(f"{len(errors)} rounds failed: {errors[0][:200]}")
+    if out["saturated"]:
+        notes.append(f"{sum(1 for r in good if r.get('saturated'))} rounds saturated")
+    out["note"] = "; ".join(notes)
+    return out
+
+
 def run_all(o) -> dict:
+    """Each workload: --median rounds, every server once per round, side by side (so a
+    noisy minute falls on all of them), then the median of the rounds per server."""
     results: dict = {}
     t_start = time.monotonic()
     for w in [BY_WORKLOAD[n] for n in o.workloads]:
-        for peer in [BY_NAME[n] for n in o.servers]:
-            if not w.applies(peer):
-                continue
-            key = f"{w.name} / {peer.name}"
-            t0 = time.monotonic()
-            best = None
-            for attempt in range(o.repeat):
-                busy_before = wait_quiet(o.quiet_wait)
-                try:
-                    with Server(peer.script) as srv:
-                        r = w.run(peer, srv, o)
-                        if srv.note and w.name.startswith("fanout"):
-                            r["note"] = srv.note
-                    r["value"] = value_of(w, r)
-                    r["per_cpu"] = per_cpu_of(w, r)
-                    r["client_bound"] = (r.get("client_cpu_pct") or 0) >= 90
-                    r["busy_before"] = busy_before
-                except BenchError as exc:
-                    r = {"error": str(exc)[:2000]}
-                except Exception as exc:   # one broken server must not stop the suite
-                    r = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
-                # Best of the repeats: noise on a shared machine only ever makes a
-                # figure worse.
-                if best is None or "error" in best or (
-                        "value" in r and (r["value"] > best["value"]) == w.higher_is_better):
-                    best = r
-                if "error" in r:
-                    break
-            r = best
+        peers = [BY_NAME[n] for n in o.servers if w.applies(BY_NAME[n])]
+        runs: dict = {p.name: [] for p in peers}
+        t0 = time.monotonic()
+        for rnd in range(o.median):
+            for peer in peers:
+                t1 = time.monotonic()
+                r = one_run(w, peer, o)
+                r["seconds"] = round(time.monotonic() - t1, 1)
+                runs[peer.name].append(r)
+                key = f"{w.name} / {peer.name}" + (f" #{rnd + 1}" if o.median > 1 else "")
+                shown = fmt(r.get("value"), w.unit) + " " + w.unit if "value" in r else "ERROR " + r["error"][:300]
+                extra = ""
+                if r.get("p99_ms") is not None:
+                    extra += f"  p99 {r['p99_ms']:.2f} ms"
+                if r.get("per_cpu") is not None and w.name.startswith("fanout"):
+                    extra += f"  {r['per_cpu']:.2f} CPU-ms/bc"
+                if r.get("saturated"):
+                    extra += "  SATURATED"
+                if "server_cpu_pct" in r:
+                    extra += (f"  (server {r['server_cpu_pct']:.0f}% cpu, client {r.get('client_cpu_pct', 0):.0f}%,"
+                              f" other {r.get('other_cpu_pct') or 0:.0f}%)")
+                print(f"{key:45s} {shown}{extra}  [{r['seconds']}s]", flush=True)
+        for peer in peers:
+            r = combine(w, runs[peer.name])
             r["seconds"] = round(time.monotonic() - t0, 1)
             results.setdefault(w.name, {})[peer.name] = r
-            shown = fmt(r.get("value"), w.unit) + " " + w.unit if "value" in r else "ERROR " + r["error"][:300]
-            extra = ""
-            if "server_cpu_pct" in r:
-                extra = (f"  (server {r['server_cpu_pct']:.0f}% cpu, client {r.get('client_cpu_pct', 0):.0f}%,"
-                         f" other {r.get('other_cpu_pct') or 0:.0f}%)")
-            print(f"{key:45s} {shown}{extra}  [{r['seconds']}s]", flush=True)
     print(f"total {time.monotonic() - t_start:.0f}s", flush=True)
     return results
 
@@ -256,15 +358,17 @@ def markdown(results: dict, o, info: dict) -> str:
         if "error" in r:
             return "error"
         v = r.get(key)
-        s = fmt(v, w.unit)
+        s = fmt(v, "ms" if key == "p99_ms" else w.unit)
         if r.get("client_bound") and w.higher_is_better:
             s += " †"
+        if r.get("saturated"):
+            s += " ‡"
         return s
 
     for w in ws:
         label = w.title + (" (median)" if w.name.startswith("fanout") else "")
         out.append(f"| {label} | {w.unit} | " + " | ".join(cell(w, n) for n in cols) + " |")
-        if w.name.startswith("fanout"):
+        if w.name.startswith("fanout") or w.name.startswith("echo-open"):
             out.append(f"| {w.title} (p99) | ms | " + " | ".join(cell(w, n, "p99_ms") for n in cols) + " |")
         if w.name in ("echo-64", "echo-512"):
             out.append(f"| {w.title}: p99 round trip | ms | "
@@ -272,12 +376,14 @@ def markdown(results: dict, o, info: dict) -> str:
                                     if n in results[w.name] else "" for n in cols) + " |")
     out.append("")
     out.append("† the client used ≥ 90% of its core: a client-bound figure, a floor for the server.")
+    out.append("‡ saturated (open-loop): in at least one round the server echoed under 97% of the offered "
+               "rate or more than 0.1% of replies were late; a p99 shown as – had more than 1% late.")
     out.append("")
     out.append("## greenchan against each peer")
     out.append("")
     out.append("Times better (> 1: greenchan is better; for memory and latency this is peer / greenchan).")
     out.append("")
-    out.append("| workload | target (issue 6) | " + " | ".join(peers) + " | met? |")
+    out.append("| workload | target | " + " | ".join(peers) + " | met? |")
     out.append("|---|---|" + "---:|" * len(peers) + "---|")
     for w in ws:
         row = results[w.name]
@@ -286,10 +392,27 @@ def markdown(results: dict, o, info: dict) -> str:
         for n in peers:
             a = advantage(w, gc, row.get(n, {}).get("value"))
             cells.append("" if n not in row else (f"{a:.2f}x" if a else "–"))
-            # "fastest peer" means the fastest real peer, not the raw-TCP floors.
-            if a and not n.startswith("raw-"):
+            # "fastest peer" means the fastest real peer, not the floors.
+            if a and n in PEERS:
                 best = a if best is None else min(best, a)
         out.append(f"| {w.title} | {w.target} | " + " | ".join(cells) + f" | {verdict(w, gc, best, results)} |")
+    tails = [w for w in ws if w.name.startswith("fanout") or w.name.startswith("echo-open")]
+    if tails:
+        out.append("")
+        out.append("### p99 against each peer")
+        out.append("")
+        out.append("Peer's p99 / greenchan's p99 (> 1: greenchan's tail is shorter).")
+        out.append("")
+        out.append("| workload | " + " | ".join(peers) + " |")
+        out.append("|---|" + "---:|" * len(peers))
+        for w in tails:
+            row = results[w.name]
+            gp = row.get("greenchan", {}).get("p99_ms")
+            cells = []
+            for n in peers:
+                pp = row.get(n, {}).get("p99_ms")
+                cells.append("" if n not in row else (f"{pp / gp:.2f}x" if gp and pp else "–"))
+            out.append(f"| {w.title} | " + " | ".join(cells) + " |")
     out.append("")
     out.append("## The same, per second of server CPU")
     out.append("")
@@ -307,7 +430,8 @@ def markdown(results: dict, o, info: dict) -> str:
         for n in cols:
             r = results[w.name].get(n)
             v = r.get("per_cpu") if r else None
-            vals.append("" if r is None else ("error" if "error" in r else fmt(v, "ms" if w.unit == "ms" else "msg/s")))
+            vals.append("" if r is None else ("error" if "error" in r else fmt(v, "ms" if w.unit == "ms" else
+                                                                                ("x" if w.name.startswith("echo-open") else "msg/s"))))
         out.append(f"| {w.title} | {unit} | " + " | ".join(vals) + " |")
     out.append("")
     out.append("| workload (per CPU) | " + " | ".join(peers) + " |")
@@ -346,7 +470,8 @@ def markdown(results: dict, o, info: dict) -> str:
                 note = f"{r['rounds']} rounds, {r['lost']} lost" + (f"; {r['note']}" if r.get("note") else "")
             pct = lambda k: f"{r[k]:.0f}" if r.get(k) is not None else ""  # noqa: E731
             pc = r.get("per_cpu")
-            pcs = f"{fmt(pc, 'ms' if w.unit == 'ms' else 'msg/s')} {PER_CPU_UNIT.get(w.unit, '')}" if pc else ""
+            pcs = (f"{fmt(pc, 'ms' if w.unit == 'ms' else ('x' if w.name.startswith('echo-open') else 'msg/s'))} "
+                   f"{PER_CPU_UNIT.get(w.unit, '')}" if pc else "")
             out.append(f"| {w.name} | {n} | {fmt(r.get('value'), w.unit)} {w.unit} | {pcs} | "
                        f"{fmt(r.get('p50_ms'), 'ms')} | {fmt(r.get('p99_ms'), 'ms')} | "
                        f"{pct('server_cpu_pct')} | {pct('client_cpu_pct')} | {pct('other_cpu_pct')} | {note} |")
@@ -372,13 +497,32 @@ def verdict(w: Workload, gc, best, results) -> str:
         return "yes" if best and best >= 1.3 else "no"
     if w.name == "idle-ws":
         return "yes" if gc < 10 else "no"
-    if w.name == "fanout-1000":
-        return "yes" if gc < 5 else "no"
-    if w.name == "fanout-5000":
-        small = results.get("fanout-1000", {}).get("greenchan", {}).get("value")
-        if small:
-            return f"{gc / small:.1f}x fanout-1000 ({'yes' if gc / small <= 5.5 else 'no'})"
-        return ""
+    row = results.get(w.name, {})
+    real = {n: r for n, r in row.items() if n in PEERS and "error" not in r}
+    g = row.get("greenchan", {})
+    if w.name.startswith("fanout"):
+        parts = []
+        floor = row.get("floor", {}).get("value")
+        if floor:
+            parts.append(f"{gc / floor:.2f}x floor ({'yes' if gc / floor <= 1.1 else 'no'})")
+        p99s = [r.get("p99_ms") for r in real.values() if r.get("p99_ms")]
+        if p99s and g.get("p99_ms"):
+            parts.append(f"p99 {'yes' if g['p99_ms'] <= min(p99s) else 'no'} ({min(p99s) / g['p99_ms']:.2f}x best peer)")
+        cpus = [r.get("per_cpu") for r in real.values() if r.get("per_cpu")]
+        if cpus and g.get("per_cpu"):
+            parts.append(f"CPU {'lowest' if g['per_cpu'] <= min(cpus) else 'not lowest'} "
+                         f"({min(cpus) / g['per_cpu']:.2f}x best peer)")
+        return "; ".join(parts)
+    if w.name.startswith("echo-open"):
+        parts = []
+        if best:
+            parts.append(f"CPU {best:.2f}x best peer ({'yes' if best >= 1.4 else 'no'})")
+        p99s = [r.get("p99_ms") for r in real.values() if r.get("p99_ms")]
+        if p99s and g.get("p99_ms"):
+            parts.append(f"p99 {'yes' if g['p99_ms'] <= min(p99s) else 'no'} ({min(p99s) / g['p99_ms']:.2f}x best peer)")
+        if g.get("saturated"):
+            parts.append("greenchan saturated")
+        return "; ".join(parts)
     if w.name == "poll":
         base = results[w.name].get("pywsgi", {}).get("value")
         if base:
@@ -388,7 +532,8 @@ def verdict(w: Workload, gc, best, results) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-w", "--workload", dest="workloads", action="append", choices=list(BY_WORKLOAD),
+    ap.add_argument("-w", "--workload", dest="workloads", action="append",
+                    choices=list(BY_WORKLOAD) + list(GROUPS),
                     help="run only these workloads (repeatable)")
     ap.add_argument("-s", "--server", dest="servers", action="append", choices=list(BY_NAME),
                     help="run only these servers (repeatable)")
@@ -396,6 +541,8 @@ def main(argv=None) -> int:
     ap.add_argument("--duration", type=float, help="seconds measured per throughput figure")
     ap.add_argument("--idle-conns", type=int, help="idle connections for the memory figures")
     ap.add_argument("--repeat", type=int, default=1, help="run each figure N times, keep the best")
+    ap.add_argument("--median", type=int, default=1,
+                    help="N rounds of every server side by side; each figure is the median of its rounds")
     ap.add_argument("--quiet-wait", type=float, default=20.0,
                     help="seconds to wait before each run for other work on the machine to stop")
     ap.add_argument("--ws-lib", action="store_true",
@@ -424,7 +571,8 @@ def main(argv=None) -> int:
         return 0
     check_node()
     o.workloads = o.workloads or [w.name for w in WORKLOADS]
-    o.servers = o.servers or [p.name for p in SERVERS]
+    o.servers = o.servers or [p.name for p in SERVERS if p.default]
+    o.workloads = [x for n in o.workloads for x in GROUPS.get(n, [n])]
     o.duration = o.duration or (1.5 if o.quick else 4.0)
     o.warmup = 0.5 if o.quick else 1.0
     o.idle_conns = o.idle_conns or 5000
@@ -439,6 +587,7 @@ def main(argv=None) -> int:
     results = run_all(o)
     info["seconds"] = time.monotonic() - t0
     out = Path(o.out)
+    out.mkdir(parents=True, exist_ok=True)
     if o.merge and (out / "results.json").exists():
         # Re-measure some figures (a noisy one, say) and keep the rest of the last run.
         old = json.loads((out / "results.json").read_text())

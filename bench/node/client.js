@@ -193,6 +193,88 @@ function wsEchoRaw() {
   });
 }
 
+// Open-loop echo: `conns` connections, a fixed offered `rate` (messages/s in all). A
+// 1 ms timer sends whatever is due by the clock, whatever the replies, round-robin
+// over the connections; each 32-byte text message carries its sequence number, and a
+// reply is matched to its send time by that number. START and STOP bound the window
+// (the runner samples the server's CPU at both); replies to messages sent in the
+// window are waited for up to --drain seconds after STOP, and one that never comes
+// counts as late (infinitely slow for the percentiles).
+function wsEchoOpen() {
+  const conns = num('conns', 512);
+  const size = Math.max(num('size', 32), 12);
+  const rate = num('rate', 5000);
+  const drainMs = num('drain', 2) * 1000;
+  const cap = Math.ceil(rate * (WARMUP + DURATION + 1000) / 1000) + 1024;
+  const sentAt = new Float64Array(cap);   // send time by sequence number; 0: not sent
+  let seq = 0, phase = 0;   // 0 warm-up, 1 measuring, 2 draining
+  let winFirst = 0, winLast = 0, repliesInWin = 0, late = 0, got = 0, unknown = 0;
+  const rtt = new Samples();
+  let t0 = 0, tStart = 0, tStop = 0, cpu0 = null, cpuStop = 0, timer = null, socks = null;
+  const template = Buffer.alloc(size, 0x61);
+  const onFrame = (op, head) => {
+    let r = 0, i = 0;
+    for (; i < head.length && head[i] >= 48 && head[i] <= 57; i++) r = r * 10 + head[i] - 48;
+    if (i === 0 || r >= seq || sentAt[r] === 0) { unknown++; return; }
+    const t = now();
+    if (phase === 1) repliesInWin++;
+    if (r >= winFirst && (phase === 0 ? false : r < (phase === 1 ? seq : winLast))) {
+      rtt.push(t - sentAt[r]); got++;
+    }
+    sentAt[r] = 0;
+  };
+  const sendDue = () => {
+    const due = Math.min(cap, Math.floor((now() - t0) * rate / 1000));
+    while (seq < due) {
+      const payload = Buffer.from(template);
+      payload.write(String(seq), 0, 'latin1');
+      payload[String(seq).length] = 0x3a;   // ':' ends the number
+      sentAt[seq] = now();
+      socks[seq % socks.length].write(maskedFrame(0x1, payload));
+      seq++;
+    }
+  };
+  const finish = () => {
+    const s = rtt.sorted();
+    const expected = winLast - winFirst;
+    late = expected - got;
+    const pct = (p) => {   // a late reply is slower than any that came
+      const i = Math.floor((p / 100) * expected);
+      return i >= s.length ? null : s[Math.min(i, s.length - 1)];
+    };
+    const elapsed = (tStop - tStart) / 1000;
+    const cpu = cpuStop;
+    emit({
+      conns, size, offered_rate: rate, sent: expected, messages: repliesInWin, elapsed_s: elapsed,
+      rate: repliesInWin / elapsed, late, unknown,
+      saturated: late > expected * 0.001 || repliesInWin < 0.97 * expected,
+      p50_ms: pct(50), p99_ms: pct(99), p999_ms: pct(99.9), max_ms: late ? null : (s.length ? s[s.length - 1] : null),
+      client_cpu_s: cpu, client_cpu_pct: (100 * cpu) / elapsed,
+    });
+    for (const sock of socks) sock.destroy();
+    process.exit(0);
+  };
+  openManyRaw(args.url, conns, 256, onFrame, (opened, failed) => {
+    if (failed) { emit({ error: `${failed} of ${conns} connections failed` }); process.exit(1); }
+    socks = opened;
+    t0 = now();
+    timer = setInterval(sendDue, 1);
+    setTimeout(() => {
+      phase = 1; winFirst = seq; tStart = now(); cpu0 = process.cpuUsage();
+      process.stdout.write('START\n');
+      setTimeout(() => {
+        sendDue();
+        clearInterval(timer);
+        phase = 2; winLast = seq; tStop = now(); cpuStop = cpuMs(cpu0) / 1000;
+        process.stdout.write('STOP\n');
+        const deadline = now() + drainMs;
+        const wait = () => (got >= winLast - winFirst || now() > deadline ? finish() : setTimeout(wait, 20));
+        wait();
+      }, DURATION);
+    }, WARMUP);
+  });
+}
+
 function tcpEcho() {
   const conns = num('conns', 64);
   const size = num('size', 32);
@@ -369,7 +451,7 @@ function rawWs(url, onFrame, cb) {
   });
   s.setNoDelay(true);
   s.on('connect', () => {
-    s.write(`GET ${u.pathname} HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\n` +
+    s.write(`GET ${u.pathname}${u.search} HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\n` +
             `Connection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
   });
   s.on('error', (e) => done(e));
@@ -504,7 +586,7 @@ function httpLoad() {
 }
 
 const modes = {
-  'ws-echo': wsEcho, 'ws-echo-raw': wsEchoRaw, 'tcp-echo': tcpEcho, 'ws-idle': wsIdle, 'http-idle': httpIdle,
+  'ws-echo': wsEcho, 'ws-echo-raw': wsEchoRaw, 'ws-echo-open': wsEchoOpen, 'tcp-echo': tcpEcho, 'ws-idle': wsIdle, 'http-idle': httpIdle,
   'ws-fanout': wsFanout, 'http': httpLoad,
 };
 if (args.version) {

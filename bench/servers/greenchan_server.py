@@ -98,7 +98,50 @@ def app(environ, start_response):
     return route(environ, start_response)
 
 
+def tune_gc(spec: str) -> None:
+    """BENCH_GC: experiments on where the latency tail comes from, comma-separated:
+    `freeze` (gc.freeze() after start-up: the import-time objects leave the collected
+    generations), `gen0=N` (first-generation threshold), `off` (no collection)."""
+    import gc
+
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if part == "freeze":
+            gc.collect()
+            gc.freeze()
+        elif part.startswith("gen0="):
+            t = gc.get_threshold()
+            gc.set_threshold(int(part[5:]), *t[1:])
+        elif part == "off":
+            gc.disable()
+        else:
+            sys.exit(f"BENCH_GC: unknown {part!r}")
+
+
+def log_gc(path: str) -> None:
+    """BENCH_GC_LOG: write each collection's generation and pause (ms) to `path`, one
+    line each, so a run's tail can be laid beside its collections."""
+    import gc
+    import time
+
+    out = open(path, "w", buffering=1)
+    start = [0.0]
+
+    def cb(phase, info):
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            out.write(f"{time.time():.6f} {info['generation']} {1000 * (time.perf_counter() - start[0]):.3f} "
+                      f"{info['collected']}\n")
+
+    gc.callbacks.append(cb)
+
+
 if __name__ == "__main__":
+    import os
+
     server = Server(app, host="127.0.0.1", port=int(sys.argv[1]), compression=None).start()
+    if os.environ.get("BENCH_GC_LOG"):
+        log_gc(os.environ["BENCH_GC_LOG"])
+    tune_gc(os.environ.get("BENCH_GC", ""))
     print(f"READY {server.port}" + (f" note={NOTE}" if NOTE else ""), flush=True)
     server.serve_forever()
