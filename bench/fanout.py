@@ -15,49 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import subprocess
 import sys
-import time
 
-from harness import BENCH, BenchError, Server, check_node, free_port, run_client, use_bench_venv, versions, wait_quiet
-
-
-class Redis:
-    """A throwaway redis-server: no persistence, its own port, stopped on exit."""
-
-    def __enter__(self) -> "Redis":
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 10
-        import socket
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.1)
-        self.__exit__()
-        raise BenchError("redis-server did not start")
-
-    def __exit__(self, *exc) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+from harness import BenchError, Redis, Server, check_node, run_client, use_bench_venv, versions, wait_quiet
 
 
 def one(store: str, subs: int, rounds: int, budget: float, redis_url: str | None) -> dict:

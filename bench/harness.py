@@ -12,6 +12,7 @@ import os
 import platform
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -163,6 +164,25 @@ class Server:
             return ""
 
 
+class ServerGroup:
+    """Several server processes seen as one by run_client: CPU is their sum."""
+
+    def __init__(self, servers: list):
+        self.servers = servers
+
+    def cpu_s(self) -> float:
+        return sum(s.cpu_s() for s in self.servers)
+
+    def rss_kib(self) -> int:
+        return sum(s.rss_kib() for s in self.servers)
+
+    def alive(self) -> bool:
+        return all(s.alive() for s in self.servers)
+
+    def stderr_tail(self, n: int = 1500) -> str:
+        return " | ".join(s.stderr_tail(n // len(self.servers)) for s in self.servers)
+
+
 def _readline(p: subprocess.Popen, timeout: float) -> str:
     """One line of p's stdout within `timeout` seconds, or "" at EOF / timeout."""
     assert p.stdout is not None
@@ -257,10 +277,49 @@ def run_client(server: Server, mode: str, timeout: float, **params) -> dict:
 
 
 def free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class Redis:
+    """A throwaway redis-server: no persistence, its own port, stopped on exit."""
+
+    def __init__(self, core: str | None = None):
+        self.core = core   # pinned to this core when given
+
+    def __enter__(self) -> "Redis":
+        self.port = free_port()
+        pin = ["taskset", "-c", self.core] if self.core else []
+        self.proc = subprocess.Popen(
+            [*pin, "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.__exit__()
+        raise BenchError("redis-server did not start")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=5)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
 
 
 def _dist_version(name: str) -> str | None:

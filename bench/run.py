@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import (BENCH, BenchError, Server, check_node, run_client, use_bench_venv, versions,
-                     wait_quiet)
+from harness import (BENCH, BenchError, Redis, Server, ServerGroup, check_node, run_client, use_bench_venv,
+                     versions, wait_quiet)
 
 
 @dataclass
@@ -47,6 +47,9 @@ SERVERS = [
     Peer("raw-asyncio-tcp", "raw_asyncio_tcp.py", "tcp"),
     Peer("pywsgi", "pywsgi_server.py", "http", http=True),
     Peer("floor", "floor_server.py", "floor"),
+    # Across processes over Redis (the cluster workload only).
+    Peer("python-socketio", "socketio_server.py", "cluster"),
+    Peer("greenchan-history", "greenchan_server.py", "cluster", env={"BENCH_HISTORY": "100"}),
     # greenchan with the garbage collector tuned (bench/servers/greenchan_server.py reads
     # BENCH_GC): experiments for where the tail comes from, not run unless named.
     Peer("greenchan-freeze", "greenchan_server.py", "ws", env={"BENCH_GC": "freeze"}, default=False),
@@ -56,7 +59,7 @@ SERVERS = [
 ]
 BY_NAME = {p.name: p for p in SERVERS}
 # The real peers ("best peer" in the targets): not the floors, not greenchan's variants.
-PEERS = ("gevent-websocket", "flask-sock", "websockets", "aiohttp")
+PEERS = ("gevent-websocket", "flask-sock", "websockets", "aiohttp", "python-socketio")
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Workload:
     run: callable
     target: str = ""
     rows: list = field(default_factory=list)   # extra (key, title, unit, higher) rows
+    own_servers: bool = False   # run() starts its own servers (run(peer, None, o))
 
 
 def _echo(conns: int, size: int, binary: bool = False):
@@ -125,6 +129,27 @@ def _fanout(subs: int):
     return run
 
 
+CLUSTER_SUBS = 1000
+
+
+def _cluster(peer: Peer, _srv, o) -> dict:
+    """Two server processes (both on core 0) on one private redis-server (core 1, with
+    the client), 1,000 subscribers spread over both, one publisher on the first."""
+    proto = "sio" if peer.script == "socketio_server.py" else "gc"
+    with Redis(core="1") as redis:
+        with Server(peer.script, redis.url, env=peer.env) as a, Server(peer.script, redis.url, env=peer.env) as b:
+            group = ServerGroup([a, b])
+            r = run_client(group, "cluster-fanout", o.fanout_budget + o.duration + 120,
+                           urls=f"ws://127.0.0.1:{a.port},ws://127.0.0.1:{b.port}", proto=proto,
+                           subs=CLUSTER_SUBS, rounds=o.fanout_rounds, duration=o.fanout_budget,
+                           window=32, rate_duration=o.duration)
+    if r.get("published"):
+        r["cpu_ms_per_publish"] = 1000 * r["server_cpu_s"] / r["published"] if r.get("server_cpu_s") else None
+    r["note"] = (f"{r['rounds']} rounds, {r['lost']} lost; {r['published']} broadcasts in "
+                 f"{r['elapsed_s']:.1f} s with {r['window']} in flight, {r['rate_lost']} lost")
+    return r
+
+
 def _http(path: str):
     def run(peer: Peer, srv: Server, o) -> dict:
         r = run_client(srv, "http", o.duration + o.warmup + 30, port=srv.port, path=path,
@@ -165,6 +190,9 @@ WORKLOADS = [
              _fanout(1000), target="≤ 1.1x floor; p99 ≤ every peer"),
     Workload("fanout-5000", "broadcast to 5,000 subscribers", "ms", False, lambda p: p.kind in ("ws", "floor"),
              _fanout(5000), target="≤ 1.1x floor; p99 ≤ every peer"),
+    Workload("cluster", "2 processes on Redis, 1,000 subscribers", "ms", False,
+             lambda p: p.name == "greenchan" or p.kind == "cluster", _cluster,
+             target="ahead of python-socketio on median, p99 and msg/s", own_servers=True),
     Workload("poll", "long-poll requests, 64 conns", "req/s", True, lambda p: p.http, _http("/poll"),
              target="≥ 0.9x pywsgi"),
     Workload("stream", "streamed responses (3 chunks), 64 conns", "req/s", True, lambda p: p.http,
@@ -185,7 +213,7 @@ def value_of(w: Workload, r: dict) -> float | None:
         return _echo_value(r, w.name == "echo-256k")
     if w.name.startswith("idle"):
         return r["kib_per_conn"]
-    if w.name.startswith("fanout"):
+    if w.name.startswith("fanout") or w.name == "cluster":
         return r["p50_ms"]
     return r["rate"]
 
@@ -200,6 +228,8 @@ def per_cpu_of(w: Workload, r: dict) -> float | None:
     if w.name.startswith("fanout"):
         n = (r.get("rounds") or 0) + (r.get("lost") or 0)
         return 1000 * cpu / n if n else None
+    if w.name == "cluster":
+        return r.get("cpu_ms_per_publish")
     if w.name.startswith("echo-open"):
         return r.get("us_per_msg")   # already per CPU
     if w.name == "echo-256k":
@@ -238,10 +268,13 @@ def one_run(w: Workload, peer: Peer, o) -> dict:
     for attempt in range(o.repeat):
         busy_before = wait_quiet(o.quiet_wait)
         try:
-            with Server(peer.script, env=peer.env) as srv:
-                r = w.run(peer, srv, o)
-                if srv.note and w.name.startswith("fanout"):
-                    r["note"] = srv.note
+            if w.own_servers:
+                r = w.run(peer, None, o)
+            else:
+                with Server(peer.script, env=peer.env) as srv:
+                    r = w.run(peer, srv, o)
+                    if srv.note and w.name.startswith("fanout"):
+                        r["note"] = srv.note
             r["value"] = value_of(w, r)
             r["per_cpu"] = per_cpu_of(w, r)
             r["client_bound"] = (r.get("client_cpu_pct") or 0) >= 90
@@ -280,7 +313,7 @@ def combine(w: Workload, runs: list) -> dict:
     good.sort(key=lambda r: r["value"])
     out = dict(good[(len(good) - 1) // 2])
     for k in ("value", "p50_ms", "p99_ms", "per_cpu", "server_cpu_pct", "client_cpu_pct",
-              "other_cpu_pct", "us_per_msg", "rate"):
+              "other_cpu_pct", "us_per_msg", "rate", "cpu_ms_per_publish"):
         if any(k in r for r in good):
             out[k] = _median([r.get(k) for r in good])
     out["runs"] = [{"value": r.get("value"), "p99_ms": r.get("p99_ms"), "per_cpu": r.get("per_cpu"),
@@ -337,8 +370,9 @@ def run_all(o) -> dict:
 
 
 def markdown(results: dict, o, info: dict) -> str:
-    peers = [n for n in o.servers if n != "greenchan"]
-    cols = [n for n in o.servers]
+    shown = {n for row in results.values() for n in row}
+    cols = [n for n in o.servers if n in shown]
+    peers = [n for n in cols if n != "greenchan"]
     ws = [BY_WORKLOAD[n] for n in o.workloads if n in results]
     out = ["# greenchan benchmarks, side by side", ""]
     out.append(f"Run {info['date']} with `{info['command']}` "
@@ -368,8 +402,12 @@ def markdown(results: dict, o, info: dict) -> str:
     for w in ws:
         label = w.title + (" (median)" if w.name.startswith("fanout") else "")
         out.append(f"| {label} | {w.unit} | " + " | ".join(cell(w, n) for n in cols) + " |")
-        if w.name.startswith("fanout") or w.name.startswith("echo-open"):
+        if w.name.startswith("fanout") or w.name.startswith("echo-open") or w.name == "cluster":
             out.append(f"| {w.title} (p99) | ms | " + " | ".join(cell(w, n, "p99_ms") for n in cols) + " |")
+        if w.name == "cluster":
+            out.append(f"| {w.title}: broadcasts sustained | msg/s | "
+                       + " | ".join(fmt(results[w.name].get(n, {}).get("rate"), "msg/s")
+                                    if n in results[w.name] else "" for n in cols) + " |")
         if w.name in ("echo-64", "echo-512"):
             out.append(f"| {w.title}: p99 round trip | ms | "
                        + " | ".join(fmt(results[w.name].get(n, {}).get("p99_ms"), "ms")
@@ -396,7 +434,7 @@ def markdown(results: dict, o, info: dict) -> str:
             if a and n in PEERS:
                 best = a if best is None else min(best, a)
         out.append(f"| {w.title} | {w.target} | " + " | ".join(cells) + f" | {verdict(w, gc, best, results)} |")
-    tails = [w for w in ws if w.name.startswith("fanout") or w.name.startswith("echo-open")]
+    tails = [w for w in ws if w.name.startswith("fanout") or w.name.startswith("echo-open") or w.name == "cluster"]
     if tails:
         out.append("")
         out.append("### p99 against each peer")
@@ -468,6 +506,8 @@ def markdown(results: dict, o, info: dict) -> str:
                 note = f"{r['opened']} conns, RSS {r['rss0_kib']} → {r['rss1_kib']} KiB"
             if w.name.startswith("fanout"):
                 note = f"{r['rounds']} rounds, {r['lost']} lost" + (f"; {r['note']}" if r.get("note") else "")
+            if w.name == "cluster" and r.get("rate"):
+                note = f"{r['rate']:,.0f} broadcasts/s sustained; " + note
             pct = lambda k: f"{r[k]:.0f}" if r.get(k) is not None else ""  # noqa: E731
             pc = r.get("per_cpu")
             pcs = (f"{fmt(pc, 'ms' if w.unit == 'ms' else ('x' if w.name.startswith('echo-open') else 'msg/s'))} "
@@ -513,6 +553,14 @@ def verdict(w: Workload, gc, best, results) -> str:
             parts.append(f"CPU {'lowest' if g['per_cpu'] <= min(cpus) else 'not lowest'} "
                          f"({min(cpus) / g['per_cpu']:.2f}x best peer)")
         return "; ".join(parts)
+    if w.name == "cluster":
+        peer = row.get("python-socketio", {})
+        if not peer.get("value"):
+            return "no python-socketio figure"
+        m, p, q = peer["value"] / gc, (peer.get("p99_ms") or 0) / (g.get("p99_ms") or 1e9), \
+            (g.get("rate") or 0) / (peer.get("rate") or 1e-9)
+        ok = m >= 1 and p >= 1 and q >= 1
+        return f"median {m:.2f}x, p99 {p:.2f}x, msg/s {q:.2f}x ({'yes' if ok else 'no'})"
     if w.name.startswith("echo-open"):
         parts = []
         if best:

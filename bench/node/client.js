@@ -553,6 +553,183 @@ function wsFanout() {
   });
 }
 
+// Across processes: subscribers spread round-robin over several servers (--urls, comma
+// separated bases) that share one Redis; one publisher on the first. --proto=gc speaks
+// plain WebSocket (/sub, /pub); --proto=sio speaks Socket.IO 5 over its WebSocket
+// transport (the engine.io handshake, "40" to join the namespace, "42[...]" events,
+// "3" to each ping). Two phases on the same connections:
+//  1. latency: `rounds` broadcasts one at a time, from the publisher's send to the
+//     last subscriber's receipt (as ws-fanout);
+//  2. rate: the publisher keeps `window` broadcasts in flight for `rate-duration`
+//     seconds; a broadcast is done when every subscriber has it; broadcasts done per
+//     second is the figure. START and STOP bound this phase (server CPU).
+function clusterFanout() {
+  const bases = String(args.urls).split(',').map((u) => u.replace(/\/$/, ''));
+  const sio = args.proto === 'sio';
+  const subs = num('subs', 1000);
+  const rounds = num('rounds', 40);
+  const budget = num('duration', 15) * 1000;
+  const window_ = num('window', 32);
+  const rateMs = num('rate-duration', 5) * 1000;
+  const gap = num('gap', 10);
+  const RING = 4096;
+  const count = new Int32Array(RING);
+  const sentAt = new Float64Array(RING);
+  const ringSeq = new Float64Array(RING).fill(-1);
+  let seq = 0, joined = 0, phase = 0;   // 0 warm-up and latency, 1 rate
+  let onDone = null, latSeq = -1;
+  const prefix = sio ? 8 : 0;   // 42["m","
+  const subUrl = (b) => (sio ? `${b}/socket.io/?EIO=4&transport=websocket&role=sub` : `${b}/sub`);
+  const pubUrl = (b) => (sio ? `${b}/socket.io/?EIO=4&transport=websocket&role=pub` : `${b}/pub`);
+  const PONG = maskedFrame(0x1, Buffer.from('3'));
+  const JOIN = maskedFrame(0x1, Buffer.from('40'));
+  let rateDone = 0, rateLost = 0, rateStart = 0, inFlight = 0, stopRate = false, publish = null;
+  const complete = (r) => {
+    const i = r % RING;
+    if (ringSeq[i] !== r) return;
+    ringSeq[i] = -1;
+    if (phase === 0) { if (r === latSeq && onDone) { const cb = onDone; onDone = null; cb(now() - sentAt[i]); } return; }
+    rateDone++; inFlight--;
+    pump();
+  };
+  const onFrame = (op, head, sock) => {
+    if (sio) {
+      if (head.length === 1 && head[0] === 0x32) { sock.write(PONG); return; }   // ping
+      if (head[0] === 0x34 && head[1] === 0x30) { if (!sock._joined) { sock._joined = true; joined++; } return; }
+      if (head[0] === 0x30) { sock.write(JOIN); return; }   // engine.io open: join "/"
+      if (head[0] !== 0x34 || head[1] !== 0x32) return;
+    }
+    let r = 0, i = prefix;
+    for (; i < head.length && head[i] >= 48 && head[i] <= 57; i++) r = r * 10 + head[i] - 48;
+    if (i === prefix) return;
+    const k = r % RING;
+    if (ringSeq[k] !== r) return;
+    if (++count[k] === subs) complete(r);
+  };
+  const send = (pub) => {
+    const r = seq++;
+    const k = r % RING;
+    count[k] = 0; ringSeq[k] = r; sentAt[k] = now();
+    const text = sio ? `42["pub","${r}:xxxxxxxxxxxxxxxxxxxxxxxx"]` : `${r}:xxxxxxxxxxxxxxxxxxxxxxxx`;
+    pub.write(maskedFrame(0x1, Buffer.from(text)));
+    return r;
+  };
+  const pump = () => {
+    while (!stopRate && inFlight < window_) { inFlight++; send(publish); }
+  };
+  const urls = [];
+  for (let i = 0; i < subs; i++) urls.push(subUrl(bases[i % bases.length]));
+  const socks = [];
+  let started = 0, finished = 0, failed = 0;
+  const next = () => {
+    if (started >= subs) return;
+    const u = urls[started++];
+    rawWs(u, onFrame, (err, s) => {
+      if (err) failed++; else { socks.push(s); if (!sio) joined++; }
+      if (++finished === subs) allOpen(); else next();
+    });
+  };
+  for (let i = 0; i < Math.min(200, subs); i++) next();
+  const allOpen = () => {
+    if (failed) { emit({ error: `${failed} of ${subs} subscribers failed` }); process.exit(1); }
+    const t = now();
+    const waitJoin = () => {
+      if (joined >= subs) return openPub();
+      if (now() - t > 20000) { emit({ error: `only ${joined} of ${subs} subscribers joined` }); process.exit(1); }
+      setTimeout(waitJoin, 20);
+    };
+    waitJoin();
+  };
+  const openPub = () => {
+    let pubJoined = !sio;
+    rawWs(pubUrl(bases[0]), (op, head, sock) => {
+      if (!sio) return;
+      if (head.length === 1 && head[0] === 0x32) sock.write(PONG);
+      else if (head[0] === 0x30) sock.write(JOIN);
+      else if (head[0] === 0x34 && head[1] === 0x30) pubJoined = true;
+    }, (err, pub) => {
+      if (err) { emit({ error: 'publisher: ' + err }); process.exit(1); }
+      publish = pub;
+      const t = now();
+      const w = () => (pubJoined ? latency() : now() - t > 10000
+        ? (emit({ error: 'publisher never joined' }), process.exit(1)) : setTimeout(w, 10));
+      w();
+    });
+  };
+  const times = [];
+  let lost = 0, warmTries = 0;
+  const one = (cb, waitMs) => {
+    let fired = false;
+    const timer = setTimeout(() => { if (!fired) { fired = true; onDone = null; cb(null); } }, waitMs);
+    onDone = (dt) => { if (!fired) { fired = true; clearTimeout(timer); cb(dt); } };
+    latSeq = send(publish);
+  };
+  const latency = () => {
+    const warm = () => one((dt) => {
+      if (dt === null) {
+        if (++warmTries > 10) {
+          emit({ error: `warm-up broadcast never reached all ${subs} subscribers (last: ${count[latSeq % RING]})` });
+          process.exit(1);
+        }
+        return setTimeout(warm, 200);
+      }
+      setTimeout(measure, 200);
+    }, 3000);
+    let tStart = 0;
+    const measure = () => {
+      tStart = now();
+      const step = () => {
+        if (times.length + lost >= rounds || now() - tStart > budget) return rate();
+        one((dt) => { if (dt === null) lost++; else times.push(dt); setTimeout(step, gap); }, 5000);
+      };
+      step();
+    };
+    warm();
+  };
+  const rate = () => {
+    phase = 1;
+    ringSeq.fill(-1);
+    let cpu0 = null;
+    setTimeout(() => {
+      cpu0 = process.cpuUsage(); rateStart = now();
+      process.stdout.write('START\n');
+      pump();
+      // A broadcast some subscriber never gets would hold its slot for ever: after
+      // 3 s it is counted lost and its slot freed.
+      const sweep = setInterval(() => {
+        const t = now();
+        for (let k = 0; k < RING; k++) {
+          if (ringSeq[k] >= 0 && t - sentAt[k] > 3000) { ringSeq[k] = -1; rateLost++; inFlight--; }
+        }
+        pump();
+      }, 500);
+      setTimeout(() => {
+        stopRate = true;
+        clearInterval(sweep);
+        const elapsed = (now() - rateStart) / 1000;
+        const done = rateDone;
+        const cpu = cpuMs(cpu0) / 1000;
+        process.stdout.write('STOP\n');
+        const s = Float64Array.from(times).sort();
+        setTimeout(() => {
+          emit({
+            subs, servers: bases.length, proto: sio ? 'sio' : 'gc',
+            rounds: times.length, lost,
+            p50_ms: percentile(s, 50), p99_ms: percentile(s, 99),
+            min_ms: s.length ? s[0] : null, max_ms: s.length ? s[s.length - 1] : null,
+            window: window_, published: done, rate: done / elapsed, rate_lost: rateLost,
+            deliveries_per_s: (done * subs) / elapsed,
+            elapsed_s: elapsed, client_cpu_s: cpu, client_cpu_pct: (100 * cpu) / elapsed,
+          });
+          for (const x of socks) x.destroy();
+          publish.destroy();
+          process.exit(0);
+        }, 50);
+      }, rateMs);
+    }, 300);
+  };
+}
+
 // HTTP requests/s: `conns` keep-alive connections, each a closed loop of GETs. The
 // body is read to its end (Content-Length or chunked), so streaming responses count
 // only when complete.
@@ -587,7 +764,7 @@ function httpLoad() {
 
 const modes = {
   'ws-echo': wsEcho, 'ws-echo-raw': wsEchoRaw, 'ws-echo-open': wsEchoOpen, 'tcp-echo': tcpEcho, 'ws-idle': wsIdle, 'http-idle': httpIdle,
-  'ws-fanout': wsFanout, 'http': httpLoad,
+  'ws-fanout': wsFanout, 'cluster-fanout': clusterFanout, 'http': httpLoad,
 };
 if (args.version) {
   const fs = require('fs');

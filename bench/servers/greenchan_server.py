@@ -47,7 +47,12 @@ except ImportError:   # the stores may not have landed yet: a set and a loop sta
 if len(sys.argv) > 2:
     if RedisChannelStore is None:
         sys.exit("greenchan has no RedisChannelStore yet")
-    store = RedisChannelStore(sys.argv[2])
+    import os
+
+    # BENCH_HISTORY=N: the store keeps the last N messages of each group (replay on
+    # reconnect), so each broadcast is also numbered and kept in Redis.
+    history = int(os.environ.get("BENCH_HISTORY", "0"))
+    store = RedisChannelStore(sys.argv[2], history=history) if history else RedisChannelStore(sys.argv[2])
 else:
     store = MemoryChannelStore()
 held = set()
