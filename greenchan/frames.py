@@ -84,6 +84,7 @@ def parse_complete(data: Any, pos: int, max_size: Optional[int], limit: int) -> 
 # What FrameReader.next() returns, with its value:
 MORE = 0  # None: nothing to do until more bytes arrive
 MESSAGES = 1  # [(is_text, payload), ...] parsed here, at most ``room`` of them
+LAST = 5  # the same, and they used up every byte read: nothing more to do
 ENGINE = 2  # bytes of a frame for the engine, which does not end it
 ENGINE_END = 3  # the last bytes of a frame for the engine (its first too, if whole)
 TOO_LONG = 4  # None: a 64-bit length with its top bit set (RFC 6455 5.2: 1002)
@@ -98,15 +99,15 @@ class FrameReader:
     rest stays here, unparsed (``unparsed``), until it asks again.
 
     Invariant: the engine has been given exactly the bytes of the frames the
-    reader sent it, up to the current position. At a frame boundary
-    (``in_frame`` false) it therefore holds no partial frame, and outside a
-    fragmented message the fast path may take the next frame.
+    reader sent it, up to the current position. At a frame boundary (``left``
+    is 0) it therefore holds no partial frame, and outside a fragmented
+    message the fast path may take the next frame.
 
     With ``fast`` false (an extension was negotiated) every frame goes to the
     engine, still one at a time.
     """
 
-    __slots__ = ("max_size", "fast", "_buf", "_pos", "_held", "_held_size", "_need", "_left", "_fragmented")
+    __slots__ = ("max_size", "fast", "left", "_buf", "_pos", "_held", "_held_size", "_need", "_fragmented")
 
     def __init__(self, max_size: Optional[int], fast: bool = True) -> None:
         self.max_size = max_size
@@ -119,13 +120,10 @@ class FrameReader:
         self._held: List[bytes] = []
         self._held_size = 0
         self._need = 0
-        self._left = 0  # bytes of the engine's current frame not yet given to it
+        # Bytes of the engine's current frame not yet given to it: while not 0,
+        # the engine holds part of a frame and the rest must follow.
+        self.left = 0
         self._fragmented = False  # inside a fragmented message: all to the engine
-
-    @property
-    def in_frame(self) -> bool:
-        """True while the engine has a part of a frame: the rest must follow."""
-        return self._left != 0
 
     @property
     def unparsed(self) -> int:
@@ -153,7 +151,7 @@ class FrameReader:
         For after the close handshake or a failure: the engine discards it.
         """
         data = bytes(self._buf[self._pos:]) + b"".join(self._held)
-        self._buf, self._pos, self._held, self._held_size, self._left = b"", 0, [], 0, 0
+        self._buf, self._pos, self._held, self._held_size, self.left = b"", 0, [], 0, 0
         return data
 
     def next(self, room: int) -> Tuple[int, Any]:
@@ -162,20 +160,20 @@ class FrameReader:
         end = len(buf)
         if pos >= end:
             return MORE, None
-        left = self._left
+        left = self.left
         if left:  # the engine has this frame's start: give it the rest, and no more
             if end - pos < left:
-                self._left = left - (end - pos)
+                self.left = left - (end - pos)
                 self._pos = end
                 return ENGINE, memoryview(buf)[pos:]
-            self._left = 0
+            self.left = 0
             self._pos = pos + left
             return ENGINE_END, memoryview(buf)[pos:pos + left]
         if self.fast and not self._fragmented:
             frames, pos, need = parse_complete(buf, pos, self.max_size, room)
             self._pos = pos
             if frames:
-                return MESSAGES, frames
+                return MESSAGES if pos < end else LAST, frames
             if need:
                 return self._hold(need)
         # A frame for the engine: read its header, to know where it ends.
@@ -206,7 +204,7 @@ class FrameReader:
             self._fragmented = False
         # An unmasked or otherwise invalid frame fails in the engine at its
         # header, whatever length it claims; what follows is discarded.
-        self._left = size + (4 if second & 0x80 else 0) + length
+        self.left = size + (4 if second & 0x80 else 0) + length
         return self.next(room)
 
     def _hold(self, need: int) -> Tuple[int, Any]:

@@ -25,6 +25,7 @@ from websockets.server import ServerProtocol
 
 from .channel import Channel, CloseStatus, Event
 from . import frames
+from .frames import ENGINE, ENGINE_END, LAST, MESSAGES, TOO_LONG
 from .connection import Connection
 from .options import Options
 from .server import HANDLER_KEY, RESPONDED_KEY, UPGRADE_KEY
@@ -35,6 +36,7 @@ log = logging.getLogger("greenchan.websocket")
 _TEXT, _BINARY, _CONT, _PING, _PONG, _CLOSE = (
     Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PING, Opcode.PONG, Opcode.CLOSE,
 )
+_OPEN = State.OPEN
 
 
 class _QuietLogger(logging.LoggerAdapter):
@@ -277,7 +279,6 @@ class WebSocketTransport:
             self._parse()
         else:
             self._engine(None)
-        self._write_pending()
 
     def _parse(self) -> bool:
         """Parse what was read, frame by frame, no further than the queue has room.
@@ -291,45 +292,55 @@ class WebSocketTransport:
         reader = self._reader
         protocol = self.protocol
         channel = self.channel
+        conn = self.conn
         while True:
-            if protocol.state is not State.OPEN or protocol.parser_exc is not None:
+            if protocol.state is not _OPEN or protocol.parser_exc is not None or conn.closed:
                 # Closing or failed: the engine takes (and discards) the rest.
                 rest = reader.rest()
-                if rest:
+                if rest and not conn.closed:
                     self._engine(rest)
                 return False
             room = 1
-            if not reader.in_frame:
+            if not reader.left:
                 queue = channel._queue
                 room = channel._max_queue - len(queue) if queue else channel._max_queue
                 if room <= 0:
                     if channel.is_open:
-                        self.conn.pause_reading()
+                        conn.pause_reading()
                         return True
                     room = channel._max_queue
             kind, value = reader.next(room)
-            if kind == frames.MESSAGES:  # the common case, without the engine
+            if kind == LAST or kind == MESSAGES:  # the common case, without the engine
                 for is_text, payload in value:
                     if is_text:
                         try:
                             payload = payload.decode()
                         except UnicodeDecodeError as exc:
                             self._invalid_utf8(exc)
+                            self._write_pending()
                             break
                     channel._deliver(payload)
-            elif kind == frames.ENGINE_END or kind == frames.ENGINE:
+                else:
+                    if kind == LAST:  # all parsed: one more round only to pause if full
+                        queue = channel._queue
+                        if len(queue) >= channel._max_queue and channel.is_open:
+                            conn.pause_reading()
+                            return True
+                        return False
+            elif kind == ENGINE_END or kind == ENGINE:
                 self._engine(value)
-            elif kind == frames.TOO_LONG:
+            elif kind == TOO_LONG:
                 # websockets would say 1009 (over max_size) or wait for 2**63
                 # bytes; RFC 6455 5.2 says the top bit must be 0: 1002.
-                self.protocol.fail(1002, "payload length over 2**63")
+                protocol.fail(1002, "payload length over 2**63")
                 channel._finish(CloseStatus.PROTOCOL_ERROR, 1002, "payload length over 2**63")
+                self._write_pending()
             else:
                 return False
 
     def _engine(self, data: Any) -> None:
-        """Give the engine bytes of its frames (None: the end of the stream) and
-        act on what it parsed."""
+        """Give the engine bytes of its frames (None: the end of the stream), act
+        on what it parsed and write what it answered (pongs, a close)."""
         protocol = self.protocol
         if data is None:
             protocol.receive_eof()
@@ -355,6 +366,7 @@ class WebSocketTransport:
                 self.channel._finish(CloseStatus.from_code(sent.code), sent.code, sent.reason)
             else:  # EOF without a close frame: the client vanished
                 self.channel._finish(CloseStatus.GOING_AWAY, 1006, "")
+        self._write_pending()
 
     def _on_data_frame(self, frame: Any) -> None:
         if not self.channel.is_open:
@@ -412,7 +424,6 @@ class WebSocketTransport:
         try:
             if not self._parse():
                 conn.resume_reading()
-            self._write_pending()
         except Exception:
             log.exception("%r: error while parsing held input", self.channel)
             conn.abort()

@@ -299,12 +299,20 @@ def test_invalid_utf8_is_1007(serve):
         frame(0, b"continuation without start"),
         frame(9, b"x" * 126),  # control frame too long
         frame(9, b"fragmented ping", fin=False),
+        # RFC 6455 5.2: a 64-bit length's most significant bit must be 0 (not 1009)
+        struct.pack("!BBQ", 0x82, 0xFF, (1 << 63) | 5) + b"mask" + b"abcde",
+        frame(1, b"frag", fin=False) + struct.pack("!BBQ", 0x80, 0xFF, 1 << 63) + b"mask",
     ],
 )
-def test_protocol_errors_are_1002(serve, data):
+@pytest.mark.parametrize("compression", [None, "deflate"])
+def test_protocol_errors_are_1002(serve, data, compression):
+    if compression and data[0] & 0x40:
+        pytest.skip("RSV1 is the compressed-message bit under permessage-deflate")
     seen = []
-    server = serve(closing_app(seen))
-    sock, _ = handshake(server.port)
+    server = serve(closing_app(seen), compression=compression)
+    extra = "Sec-WebSocket-Extensions: permessage-deflate\r\n" if compression else ""
+    sock, head = handshake(server.port, extra=extra)
+    assert (b"permessage-deflate" in head) == bool(compression)
     sock.sendall(data)
     assert read_close(sock)[0] == 1002
     wait_for(lambda: seen == [CloseStatus.PROTOCOL_ERROR])

@@ -333,7 +333,7 @@ def run(stream: bytes, pieces: List[bytes], config: Config, eof: bool) -> Outcom
         assert channel.__dict__.get("longest", 0) <= config.options.max_queue
         # What is kept is at most this read beyond what was kept before it.
         assert transport._reader.unparsed <= before + len(piece)
-        if transport._reader.unparsed and not transport._reader.in_frame:
+        if transport._reader.unparsed and not transport._reader.left:
             assert transport.protocol.reader.buffer == b""  # the engine idles at a boundary
     drain()
     take_all()
