@@ -69,6 +69,8 @@ MAX_EMPTY_LINES = 8
 #: server "ought to limit the total length of chunk extensions" (RFC 9112 7.1.1).
 MAX_CHUNK_LINE = 4096
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Large reads go in pieces of this size (see _read).
+_READ_PIECE = 1 << 20
 
 
 class BadRequest(ValueError):
@@ -314,7 +316,7 @@ class Body:
 
     def _read_some(self, size: Optional[int], line: bool) -> bytes:
         want = self._left if size is None or size < 0 else min(size, self._left)
-        data = self._rfile.readline(want) if line else self._rfile.read(want)
+        data = self._rfile.readline(want) if line else _read(self._rfile, want)
         if len(data) < want and not (line and data.endswith(b"\n")):
             raise BadRequest("request body ended early")
         self._left -= len(data)
@@ -330,7 +332,7 @@ class Body:
                 self._next_chunk()
                 continue
             want = self._left if size is None or size < 0 else min(size, self._left)
-            data = rfile.readline(want) if line else rfile.read(want)
+            data = rfile.readline(want) if line else _read(rfile, want)
             if not data:
                 raise BadRequest("request body ended early")
             out.append(data)
@@ -368,3 +370,21 @@ class Body:
                 return
             if _FIELD_LINE_BYTES.fullmatch(text) is None:
                 raise BadRequest(f"bad trailer line {text[:40]!r}")
+
+
+def _read(rfile: Any, size: int) -> bytes:
+    """``rfile.read(size)`` without allocating ``size`` bytes up front.
+
+    A buffered reader allocates the whole size before reading, so a claimed
+    length of 10**15 would fail with MemoryError instead of reading what comes.
+    """
+    if size <= _READ_PIECE:
+        return rfile.read(size)
+    parts = []
+    while size > 0:
+        piece = rfile.read(min(size, _READ_PIECE))
+        if not piece:
+            break
+        parts.append(piece)
+        size -= len(piece)
+    return b"".join(parts)

@@ -327,3 +327,18 @@ def test_a_body_the_application_left_unread_does_not_become_a_request(serve):
         answers, closed = exchange(server.port, [vector + TAIL])
         assert answers == [(200, b"/"), (200, b"/tail")]
         assert closed == "closed"
+
+
+def test_a_huge_content_length_is_read_as_it_comes(port):
+    """A claimed length is not allocated up front: the body ends early, 400."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(post(b"Content-Length: %d\r\n" % 10**15, b"hello"))
+    sock.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    assert data.startswith(b"HTTP/1.1 400 ")
