@@ -330,8 +330,21 @@ class TestClient:
         finally:
             self._teardown()
 
+    def drop(self) -> None:
+        """Cut the connection as a network failure would: no close frame, no ``gc_close``.
+
+        The client is ``dropped`` until ``reconnect()``; a session's server
+        channel stays open (for ``session_grace``) and keeps what is sent to it.
+        """
+        if self._closing:
+            raise ChannelClosed(self.close_status)
+        self._drop_carrier()
+        if self._state is _OPEN:
+            self._state, self.close_code, self.close_reason = _LOST, 1006, ""
+            self._arrived.set()
+
     def reconnect(self, transport: Optional[str] = None) -> None:
-        """Drop the connection as a network failure would, and connect again.
+        """Drop the connection (unless it is dropped already) and connect again.
 
         A session resumes: the same server channel, what was sent meanwhile
         arrives, and unconfirmed messages are sent again; ``transport`` switches
@@ -352,6 +365,16 @@ class TestClient:
     def is_open(self) -> bool:
         """True until the channel closed, the client closed it or the connection was lost."""
         return self._state is _OPEN
+
+    @property
+    def dropped(self) -> bool:
+        """True when the connection ended without the channel being closed.
+
+        The server's close frame never came: a network failure, a server cut.
+        A greenchan.js client would reconnect; ``reconnect()`` does, and a
+        session resumes if the server still holds it.
+        """
+        return self._state is _LOST
 
     @property
     def channel(self) -> Optional[Channel]:
@@ -386,8 +409,9 @@ class TestClient:
         application codes ``SERVER_CLOSE``...), ``NORMAL`` after this client
         closed a WebSocket or a session, ``CLIENT_CLOSE`` after it hung up a
         plain HTTP request. ``None`` while the client is open (``is_open``;
-        between two plain long-polls, say) and after a connection was lost with
-        no close (a session's server channel stays open, ``reconnect()`` resumes).
+        between two plain long-polls, say), and when the connection was
+        ``dropped`` unless the server is in this process (a session's channel
+        may well be open still: ``reconnect()`` resumes it).
         """
         if self._state is _OPEN:
             return None
@@ -523,6 +547,9 @@ class TestClient:
             status = CloseStatus.NORMAL if code == 1000 else CloseStatus.from_code(code)
             closes = not self.session or code == 1000
         elif self.session:
+            # The connection goes first: a poll answered meanwhile must not poll
+            # again, and start a new session once this one is gone.
+            self._drop_carrier()
             try:
                 with _deadline(self.timeout, "the server did not answer gc_close"):
                     http = self._request("POST", self._session_target(self.transport, gc_close="1"), self._headers())
@@ -775,11 +802,14 @@ class TestClient:
         if carrier is not self._carrier:
             return False
         self.status, self.headers = http.status, http.headers
-        if http.status != 200:
+        if http.status >= 400 or (opening and http.status != 200):
             error = Rejected(http.status, http.headers, body)
             if opening:
                 raise error
             self._rejected(carrier, error)
+            return False
+        if http.status != 200:  # the poll's channel ended without a frame (a 204): cut
+            self._lost(carrier)
             return False
         answer = json.loads(body)
         if "hello" in answer:
@@ -788,7 +818,7 @@ class TestClient:
             raise ConnectionError(f"the opening poll was answered without a hello: {answer!r}")
         for frame in answer["f"][max(0, self._recv - answer["from"]):]:  # skip what came before
             self._frame(carrier, _from_json(frame))
-        return self._state is _OPEN
+        return self._state is _OPEN and not self._closing
 
     def _poll_loop(self, carrier: "_Carrier") -> None:
         try:
