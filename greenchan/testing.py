@@ -662,6 +662,9 @@ class TestClient:
         if http.status == 410:  # the session is closed; its close frame is on the way
             raise ChannelClosed(self.close_status)
         if http.status != 200:
+            if 400 <= http.status < 500 and http.status not in (408, 409, 429):
+                # refused for good: greenchan.js forgets it rather than resend it
+                self._unconfirmed = collections.deque(e for e in self._unconfirmed if e[0] != seq)
             raise Rejected(http.status, http.headers, answer)
         confirmed = json.loads(answer)
         if confirmed.get("sid") == self._sid:
