@@ -84,10 +84,10 @@ def parse_complete(data: Any, pos: int, max_size: Optional[int], limit: int) -> 
 # What FrameReader.next() returns, with its value:
 MORE = 0  # None: nothing to do until more bytes arrive
 MESSAGES = 1  # [(is_text, payload), ...] parsed here, at most ``room`` of them
-LAST = 5  # the same, and they used up every byte read: nothing more to do
-ENGINE = 2  # bytes of a frame for the engine, which does not end it
-ENGINE_END = 3  # the last bytes of a frame for the engine (its first too, if whole)
-TOO_LONG = 4  # None: a 64-bit length with its top bit set (RFC 6455 5.2: 1002)
+LAST = 2  # the same, and they used up every byte read: nothing more to do
+ENGINE = 3  # bytes of a frame for the engine, which does not end it
+ENGINE_END = 4  # the last bytes of a frame for the engine (its first too, if whole)
+TOO_LONG = 5  # None: a 64-bit length with its top bit set (RFC 6455 5.2: 1002)
 
 
 class FrameReader:
@@ -155,6 +155,13 @@ class FrameReader:
         return data
 
     def next(self, room: int) -> Tuple[int, Any]:
+        """The next step and its value (the constants above).
+
+        At a boundary the next frame goes to the fast path if it is a final,
+        masked text or binary frame within ``max_size`` outside a fragmented
+        message (and ``fast``); any other frame's header is read here, and
+        its bytes, exactly, go to the engine, in as many steps as reads.
+        """
         buf = self._buf
         pos = self._pos
         end = len(buf)

@@ -505,6 +505,43 @@ def test_max_queue_holds_within_one_read():
     assert got == [i.to_bytes(2, "big") for i in range(8192)]
 
 
+def test_a_server_close_while_reading_is_paused_still_sees_the_clients_close():
+    """The queue is full and the client's close is among the held bytes: the
+    server's close must not wait for the handler (close_timeout) to find it."""
+    config = CONFIGS[(1 << 20, 1, False)]
+    transport, conn, _ = config.open()
+    client_close = wire(Frame(Opcode.CLOSE, struct.pack("!H", 1000)))
+    transport._on_data(b"".join(wire(Frame(Opcode.TEXT, b"m%d" % i)) for i in range(3)) + client_close)
+    assert conn.paused and len(transport.channel._queue) == 1
+    transport.close(4000, "server done")
+    for _ in range(10):
+        gevent.sleep(0)
+    assert transport.protocol.close_rcvd is not None and transport.protocol.close_rcvd.code == 1000
+    assert conn.lingered and not conn.paused
+    assert transport._reader.unparsed == 0
+    assert server_frames(b"".join(conn.out)) == [(8, struct.pack("!H", 4000) + b"server done")]
+    transport._close_timer.stop()
+
+
+def test_held_bytes_are_parsed_before_anything_read_later():
+    """Between the handler taking a message and the resume callback, nothing new
+    is read: the held bytes come first (the watcher restarts only after them)."""
+    config = CONFIGS[(1 << 20, 3, False)]
+    transport, conn, _ = config.open()
+    transport._on_data(b"".join(wire(Frame(Opcode.BINARY, bytes([i]))) for i in range(10)))
+    got = []
+    for _ in range(20):
+        assert conn.paused
+        got.append(transport.channel.receive())
+        assert conn.paused  # still paused until the callback has parsed the held bytes
+        gevent.sleep(0)
+        if not conn.paused:
+            break
+    while transport.channel._queue:
+        got.append(transport.channel.receive())
+    assert got == [bytes([i]) for i in range(10)]
+
+
 # -- over real sockets ------------------------------------------------------------------
 
 
@@ -532,7 +569,8 @@ def test_a_ping_header_sent_alone_on_a_real_socket(serve):
     assert messages == ["end"]
 
 
-def test_max_queue_on_a_real_socket(serve, monkeypatch):
+@pytest.mark.parametrize("style", ["receive", "on_receive"])
+def test_max_queue_on_a_real_socket(serve, monkeypatch, style):
     """A handler that does not read, a client that writes 20,000 tiny messages:
     the queue never passes max_queue, and once the handler reads, all arrive in order."""
     longest = []
@@ -551,11 +589,15 @@ def test_max_queue_on_a_real_socket(serve, monkeypatch):
     @with_channel(ping_interval=None)
     def app(channel):
         channel.accept()
+        if style == "on_receive":  # the first callback blocks the dispatcher
+            def on_receive(message):
+                go.wait(10)
+                received.append(message)
+            channel.on_receive(on_receive)
+            return
         go.wait(10)
         for message in channel:
             received.append(message)
-            if len(received) == 20000:
-                channel.close()
 
     server = serve(app, max_queue=16)
     sock, head = handshake(server.port)
