@@ -7,8 +7,8 @@ reaches the application. The policy, chosen where the RFC leaves a choice:
 
 - Lines end with CRLF. A bare LF (RFC 9112 2.2 "MAY" accept it) or a bare CR
   anywhere is 400: a proxy that splits lines differently is the classic gap.
-- Empty lines before a request line are skipped (RFC 9112 2.2: a stray CRLF
-  after a request body is common); a bounded number of them.
+- One empty line before a request line is skipped (RFC 9112 2.2: a stray CRLF
+  after a request body is common); a second one is 400.
 - Request line: ``token SP target SP HTTP/d.d`` with single spaces; the target is
   visible ASCII in origin-, absolute-, authority- (CONNECT only) or asterisk-form
   (OPTIONS only). HTTP/1.0 and HTTP/1.1 are served, a later HTTP/1.x is served
@@ -18,7 +18,8 @@ reaches the application. The policy, chosen where the RFC leaves a choice:
   characters in a value (NUL, CR, DEL...) are 400.
 - HTTP/1.1 needs exactly one ``Host``; no request may have two.
 - ``Content-Length`` is digits only (no ``+5``, ``0_5``, ``0x5``); several values
-  are accepted only when all are the same (RFC 9112 6.3).
+  are accepted only when all are the same (RFC 9112 6.3); more than 18 digits
+  is 413.
 - ``Transfer-Encoding`` must end in ``chunked`` (else 400, RFC 9112 6.3); another
   coding before it is 501 (none is implemented); ``chunked`` twice is 400; on
   HTTP/1.0 it is 400. With ``Content-Length`` beside it the request is refused
@@ -62,9 +63,9 @@ _CHUNK_LINE = re.compile(
     + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN_B + rb"|" + _QUOTED + rb"))?)*\r\n"
 )
 
-#: How many empty lines may come before a request line (RFC 9112 2.2 says to
-#: ignore "at least one"); more is junk.
-MAX_EMPTY_LINES = 8
+#: How many empty lines may come before a request line: RFC 9112 2.2 says to
+#: ignore "at least one" (the CRLF some clients send after a body); more is junk.
+MAX_EMPTY_LINES = 1
 #: The longest chunk-size line, extensions included. Nothing needs more; a
 #: server "ought to limit the total length of chunk extensions" (RFC 9112 7.1.1).
 MAX_CHUNK_LINE = 4096
@@ -237,6 +238,8 @@ def _content_length(values: List[str]) -> int:
         for item in value.split(","):
             item = item.strip(" \t")
             if _DIGITS.fullmatch(item) is None:
+                if item.isdigit() and item.isascii():  # valid, and larger than anything we take
+                    raise BadRequest(f"Content-Length {item[:40]} too large", 413)
                 raise BadRequest(f"bad Content-Length {value[:40]!r}")
             numbers.add(int(item))
     if len(numbers) != 1:

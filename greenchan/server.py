@@ -55,6 +55,7 @@ def _error_response(status: int, text: str) -> bytes:
 # The answers to requests that cannot be parsed (see request.py for which gets which).
 _ERRORS = {
     400: _error_response(400, "Bad Request"),
+    413: _error_response(413, "Content Too Large"),
     414: _error_response(414, "URI Too Long"),
     431: _error_response(431, "Request Header Fields Too Large"),
     501: _error_response(501, "Not Implemented"),

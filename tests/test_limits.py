@@ -500,7 +500,7 @@ KEY = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         ((UPGRADE.replace("Upgrade: websocket\r\n", "Upgrade: h2c\r\n") + KEY + "\r\n").encode(), 200),
         (b"HELLO\r\n\r\n", 400),
         (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
-        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
         (b"GET / FTP/1.0\r\n\r\n", 400),
         (b"GET /\r\n\r\n", 400),  # HTTP/0.9
         (b"GET /\r\n", 400),  # HTTP/0.9 as its clients send it: no headers follow
@@ -513,7 +513,7 @@ KEY = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcdefgh\r\n0\r\n\r\n", 400),
         (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n", 400),
-        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n", 200),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n", 400),
     ],
     ids=[
         "ws-no-key", "ws-bad-key", "ws-version-8", "upgrade-h2c", "garbage-line", "four-words",

@@ -80,7 +80,7 @@ REFUSED = [
     ("cl-list-different", post(b"Content-Length: 5, 6\r\n", b"hello!"), 400),
     ("cl-empty", post(b"Content-Length: \r\n", b""), 400),
     ("cl-space-inside", post(b"Content-Length: 5 5\r\n", b"hello"), 400),
-    ("cl-overflow", post(b"Content-Length: " + b"9" * 30 + b"\r\n", b""), 400),
+    ("cl-overflow", post(b"Content-Length: " + b"9" * 30 + b"\r\n", b""), 413),
     ("cl-unicode-digit", post(b"Content-Length: \xd9\xa5\r\n", b"hello"), 400),
     ("cl-space-before-colon", post(b"Content-Length : 5\r\n", b"hello"), 400),
     # -- header lines -----------------------------------------------------------
@@ -123,7 +123,7 @@ REFUSED = [
     ("http09-version", line(b"GET / HTTP/0.9"), 505),
     ("http09-request", b"GET /\r\n\r\n", 400),
     ("cr-in-request-line", line(b"GET /\r HTTP/1.1"), 400),
-    ("too-many-empty-lines", b"\r\n" * 9 + line(b"GET / HTTP/1.1"), 400),
+    ("two-empty-lines-first", b"\r\n\r\n" + line(b"GET / HTTP/1.1"), 400),
     # -- chunk sizes and extensions ----------------------------------------------
     ("chunk-plus", chunked(b"+5\r\nhello\r\n0\r\n\r\n"), 400),
     ("chunk-0x", chunked(b"0x5\r\nhello\r\n0\r\n\r\n"), 400),
@@ -164,7 +164,7 @@ ACCEPTED = [
     ("cl-list-same", post(b"Content-Length: 5, 5\r\n", b"hello"), [(200, b"POST / 5:hello"), OK_TAIL]),
     ("cl-ows", post(b"Content-Length: \t5 \r\n", b"hello"), [(200, b"POST / 5:hello"), OK_TAIL]),
     ("cl-one-byte-more-crlf", post(b"Content-Length: 5\r\n", b"hello\r\n"), [(200, b"POST / 5:hello"), OK_TAIL]),
-    ("empty-line-before-request", b"\r\n\r\n" + line(b"GET /a HTTP/1.1"), [(200, b"GET /a 0:"), OK_TAIL]),
+    ("empty-line-before-request", b"\r\n" + line(b"GET /a HTTP/1.1"), [(200, b"GET /a 0:"), OK_TAIL]),
     ("pipelined-gets", line(b"GET /a HTTP/1.1") + line(b"GET /b HTTP/1.1"), [(200, b"GET /a 0:"), (200, b"GET /b 0:"), OK_TAIL]),
     ("http10-without-host", line(b"GET /a HTTP/1.0", b""), [(200, b"GET /a 0:")]),
     ("http10-keep-alive", line(b"GET /a HTTP/1.0", b"Connection: keep-alive\r\n"), [(200, b"GET /a 0:"), OK_TAIL]),
