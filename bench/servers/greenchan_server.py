@@ -103,6 +103,37 @@ def app(environ, start_response):
     return route(environ, start_response)
 
 
+def census(gc, path: str) -> None:
+    """BENCH_GC=census=PATH: an experiment on what makes the collector run. No
+    automatic collection; every 2 s a collection with DEBUG_SAVEALL writes to PATH how
+    many objects had been allocated and were still tracked (gen0 count) and the types
+    of the cyclic garbage it found: garbage in cycles is what only the collector frees."""
+    import collections
+
+    import gevent
+
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    out = open(path, "w", buffering=1)
+
+    def loop():
+        while True:
+            gevent.sleep(2)
+            young = gc.get_count()[0]
+            alive = collections.Counter(type(o).__name__ for o in gc.get_objects(0))
+            gc.collect()
+            kinds = collections.Counter(type(o).__name__ for o in gc.garbage)
+            out.write(f"young {young} in gen0 {sum(alive.values())} {alive.most_common(8)}; "
+                      f"garbage {len(gc.garbage)} {kinds.most_common(8)}\n")
+            # Free the garbage for real (SAVEALL would find and keep it again).
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.collect()
+            gc.set_debug(gc.DEBUG_SAVEALL)
+
+    gevent.spawn(loop)
+
+
 def tune_gc(spec: str) -> None:
     """BENCH_GC: experiments on where the latency tail comes from, comma-separated:
     `freeze` (gc.freeze() after start-up: the import-time objects leave the collected
@@ -118,8 +149,65 @@ def tune_gc(spec: str) -> None:
             gc.set_threshold(int(part[5:]), *t[1:])
         elif part == "off":
             gc.disable()
+        elif part.startswith("census="):
+            census(gc, part[7:])
         else:
             sys.exit(f"BENCH_GC: unknown {part!r}")
+
+
+def patch_deliver() -> None:
+    """BENCH_PATCH=deliver: an experiment, the broadcast loop of greenchan's stores
+    without the per-member (channel, attachment) tuples of `list(members.items())`.
+
+    Those 1,000s of tuples live for the whole loop, so the young collections during it
+    promote them, and the collector counts them towards its next full collection (of
+    every object of every connection) even though they die at the end of the loop.
+    """
+    from greenchan.stores import groups
+
+    original = groups._Groups._deliver
+    log = groups.log
+
+    def _deliver(self, group, data, fn=None):
+        if fn is not None or self.render is not None:
+            return original(self, group, data, fn)
+        members = self._groups.get(group)
+        if not members:
+            return 0
+        sent = 0
+        for channel in list(members):   # one list, no tuple per member
+            try:
+                if channel.send(data, wait=False):
+                    sent += 1
+            except Exception:
+                log.exception("broadcast to %r in group %r failed", channel, group)
+        return sent
+
+    groups._Groups._deliver = _deliver
+
+
+def patch_park() -> None:
+    """BENCH_PATCH=park: an experiment, Channel._dispatch without the line that marks
+    the channel not recent each time its dispatcher parks.
+
+    The idle sweep (every second) releases the dispatcher of a parked channel that is
+    not recent; the dispatcher clears the mark each time it parks, after every message,
+    so the sweep releases the dispatcher of nearly every busy channel every second and
+    the next message spawns a new greenlet (with gevent's spawn-tree frames): objects
+    that live for up to a second, get promoted, and bring on full collections.
+    """
+    import inspect
+    import textwrap
+
+    from greenchan import channel as module
+
+    src = textwrap.dedent(inspect.getsource(module.Channel._dispatch))
+    line = "                self._recent = False\n"
+    assert line.replace(" " * 4, "", 1) in src, "Channel._dispatch changed: the experiment is stale"
+    src = src.replace(line.replace(" " * 4, "", 1), "")
+    scope: dict = {}
+    exec(compile(src, module.__file__, "exec"), module.__dict__, scope)
+    module.Channel._dispatch = scope["_dispatch"]
 
 
 def log_gc(path: str) -> None:
@@ -135,8 +223,9 @@ def log_gc(path: str) -> None:
         if phase == "start":
             start[0] = time.perf_counter()
         else:
-            out.write(f"{time.time():.6f} {info['generation']} {1000 * (time.perf_counter() - start[0]):.3f} "
-                      f"{info['collected']}\n")
+            ms = 1000 * (time.perf_counter() - start[0])
+            n = len(gc.get_objects()) if info["generation"] == 2 else 0
+            out.write(f"{time.time():.6f} {info['generation']} {ms:.3f} {info['collected']} {n}\n")
 
     gc.callbacks.append(cb)
 
@@ -148,5 +237,7 @@ if __name__ == "__main__":
     if os.environ.get("BENCH_GC_LOG"):
         log_gc(os.environ["BENCH_GC_LOG"])
     tune_gc(os.environ.get("BENCH_GC", ""))
+    for patch in filter(None, os.environ.get("BENCH_PATCH", "").split(",")):
+        {"deliver": patch_deliver, "park": patch_park}[patch]()
     print(f"READY {server.port}" + (f" note={NOTE}" if NOTE else ""), flush=True)
     server.serve_forever()
