@@ -14,6 +14,10 @@ from ..channel import Event, check_message
 #   b"e" + JSON {event,id,retry} + b"\n" + UTF-8 data                 Event
 #   b"d" + JSON {status,headers,body: "s"|"b"|null} + b"\n" + body    response dict
 # Compact JSON never contains a raw newline, so the first b"\n" ends it.
+#
+# A group with history publishes (from a Lua script, history.py's PUBLISH_LUA)
+#   b"h" + epoch + b":" + <ms>-<n> + b" " + one of the above
+# so that every process knows each message's id and number.
 
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 

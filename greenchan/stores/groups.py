@@ -11,6 +11,7 @@ import logging
 from typing import Any, Callable, Dict, Optional, Protocol, Set, runtime_checkable
 
 from ..channel import Channel
+from .history import send_tagged
 
 log = logging.getLogger("greenchan.stores")
 
@@ -21,8 +22,14 @@ Render = Callable[[Channel, Any, Any], Any]
 class ChannelStore(Protocol):
     """What the stores share: groups of channels, each with an attachment."""
 
-    def add_to_group(self, group: str, channel: Channel, attachment: Any = None) -> None:
-        """Put ``channel`` in ``group`` (again: replace its attachment)."""
+    def add_to_group(
+        self, group: str, channel: Channel, attachment: Any = None, *, since: Optional[str] = None
+    ) -> bool:
+        """Put ``channel`` in ``group`` (again: replace its attachment).
+
+        With ``since`` (an id the client last received), first replay what the
+        group's history kept after it; False when that cannot be done.
+        """
 
     def remove_from_group(self, group: str, channel: Channel) -> None:
         """Take ``channel`` out of ``group``; nothing happens if it is not in it."""
@@ -46,16 +53,14 @@ class _Groups:
         # channel -> the groups it is in, so closing leaves them all in one step.
         self._memberships: Dict[Channel, Set[str]] = {}
 
-    def add_to_group(self, group: str, channel: Channel, attachment: Any = None) -> None:
+    def _join(self, group: str, channel: Channel, attachment: Any = None) -> bool:
         """Put ``channel`` in ``group`` with ``attachment``; it leaves when it closes.
 
         Adding a channel that is already a member replaces its attachment.
-        Adding a closed channel does nothing.
+        Adding a closed channel does nothing and returns False.
         """
-        if not isinstance(group, str):
-            raise TypeError(f"a group name is a str, not {type(group).__name__}")
         if not channel.is_open:
-            return
+            return False
         created = group not in self._groups
         members = self._groups.setdefault(group, {})
         members[channel] = attachment
@@ -67,6 +72,15 @@ class _Groups:
         groups.add(group)
         if created:
             self._group_created(group)
+        return True
+
+    @staticmethod
+    def _check_group(group: Any) -> None:
+        if not isinstance(group, str):
+            raise TypeError(f"a group name is a str, not {type(group).__name__}")
+
+    def _is_member(self, group: str, channel: Channel) -> bool:
+        return channel in self._groups.get(group, ())
 
     def remove_from_group(self, group: str, channel: Channel) -> None:
         """Take ``channel`` out of ``group``; nothing happens if it is not in it."""
@@ -119,6 +133,22 @@ class _Groups:
                 else:
                     message = data
                 if message is not None and channel.send(message, wait=False):
+                    sent += 1
+            except Exception:
+                log.exception("broadcast to %r in group %r failed", channel, group)
+        return sent
+
+    def _deliver_tagged(self, group: str, data: Any, msg_id: str) -> int:
+        """As ``_deliver`` for a group with history: each send carries ``msg_id``."""
+        members = self._groups.get(group)
+        if not members:
+            return 0
+        render = self.render
+        sent = 0
+        for channel, attachment in list(members.items()):
+            try:
+                message = data if render is None else render(channel, attachment, data)
+                if message is not None and send_tagged(channel, message, group, msg_id):
                     sent += 1
             except Exception:
                 log.exception("broadcast to %r in group %r failed", channel, group)

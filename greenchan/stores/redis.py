@@ -5,7 +5,7 @@ import inspect
 import logging
 import os
 import re
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import gevent
@@ -16,6 +16,25 @@ from gevent.hub import get_hub, getcurrent
 from ..channel import Channel
 from .codec import decode, encode
 from .groups import Render, _Groups
+from .history import (
+    EPOCH_RETENTION,
+    PUBLISH_LUA,
+    READ_LUA,
+    Cursor,
+    Entries,
+    Entry,
+    Snapshot,
+    _observe_resume,
+    check_options,
+    components,
+    make_id,
+    new_epoch,
+    parse_sid,
+    replay_to,
+    send_tagged,
+    tell_position,
+    tell_resumed,
+)
 
 log = logging.getLogger("greenchan.stores")
 
@@ -102,6 +121,14 @@ class RedisChannelStore(_Groups):
     flight per subscriber under the soft limit. Raise it only together with
     Redis's limit.
 
+    ``history=N`` keeps each group's newest ``N`` broadcasts in Redis (a stream
+    per group, ``history_ttl=S`` seconds at most), for every process: a client
+    resumes with ``add_to_group(..., since=id)`` on whichever process it comes
+    back to, and after a lost subscriber connection the members of this process
+    get what they missed from it. See greenchan/stores/history.py for the ids
+    and the exactly-once join. ``history=0`` (the default) keeps nothing and
+    publishes exactly as a store without history.
+
     Needs gevent monkey-patching (see the module docstring). Options:
     ``prefix`` namespaces the Redis channels; ``render`` as for
     ``MemoryChannelStore``, applied in each process, in the reader greenlet
@@ -124,6 +151,8 @@ class RedisChannelStore(_Groups):
         socket_timeout: float = 5.0,
         subscribe_timeout: float = 5.0,
         max_message_size: Optional[int] = MAX_MESSAGE_SIZE,
+        history: int = 0,
+        history_ttl: Optional[float] = None,
     ) -> None:
         from gevent import monkey
 
@@ -136,7 +165,20 @@ class RedisChannelStore(_Groups):
             )
         import redis  # an optional dependency: imported only when used
 
+        check_options(history, history_ttl)
         super().__init__(render)
+        self.history_size = history
+        self.history_ttl = history_ttl
+        self._ttl_ms = int(history_ttl * 1000) if history_ttl else 0
+        # How long a silent group's meta key (epoch, position) outlives its messages.
+        self._retention_ms = max(self._ttl_ms, EPOCH_RETENTION * 1000) if history_ttl else 0
+        # group -> {channel: Cursor}: where each local member is in its group's
+        # sequence (history on only), so that no message reaches it twice.
+        self._cursors: Dict[str, Dict[Channel, Cursor]] = {}
+        # One catch-up after a reconnection at a time.
+        self._catch_up_lock = gevent.lock.Semaphore()
+        self._publish_lua: Any = None
+        self._read_lua: Any = None
         # What logs and errors show; the real URL stays private.
         self.url = redact(url)
         self._url = url
@@ -159,6 +201,10 @@ class RedisChannelStore(_Groups):
         self._subscribed: Set[str] = set()  # groups SUBSCRIBEd on _conn
         # Redis channel -> flag set when its SUBSCRIBE is confirmed.
         self._confirm: Dict[bytes, gevent.event.Event] = {}
+        # Redis channel -> SUBSCRIBEs sent on _conn not yet confirmed: a flag is
+        # set only when the last one is, so a confirmation that answers an
+        # earlier SUBSCRIBE (before a leave and a rejoin) does not count.
+        self._outstanding: Dict[bytes, int] = {}
         # Several greenlets write on the one subscriber socket; one at a time.
         self._write_lock = gevent.lock.RLock()
         self._reader: Optional[gevent.Greenlet] = None
@@ -173,6 +219,9 @@ class RedisChannelStore(_Groups):
         # ERROR is logged once per such episode.
         self._auth_error: Optional[str] = None
         self._auth_logged = False
+        # Whether the subscriber was ever up in this process: a reconnection then
+        # means a gap that the history can fill (a catch-up).
+        self._ever_up = False
         self._delay = reconnect_min
 
     # -- public ------------------------------------------------------------------
@@ -201,7 +250,12 @@ class RedisChannelStore(_Groups):
             raise self._down_error()
         exceptions = self._redis.exceptions
         try:
-            return int(self._publisher.publish(self._key(group), payload))
+            if not self.history_size:
+                return int(self._publisher.publish(self._key(group), payload))
+            # One round trip: number, keep and publish in one script.
+            keys = self._history_keys(group)
+            args = [self._key(group), payload, self.history_size, self._ttl_ms, new_epoch(), self._retention_ms]
+            return int(self._publish_lua(keys=keys, args=args, client=self._publisher))
         except exceptions.AuthenticationError as exc:
             raise exceptions.AuthenticationError(
                 f"PUBLISH to {self.url}: authentication failed ({self._scrub(exc)}); "
@@ -213,25 +267,74 @@ class RedisChannelStore(_Groups):
                 f"PUBLISH to {self.url} failed: {self._scrub(exc)}"
             ) from None
 
-    def add_to_group(self, group: str, channel: Channel, attachment: Any = None) -> None:
+    def add_to_group(
+        self, group: str, channel: Channel, attachment: Any = None, *, since: Optional[str] = None
+    ) -> bool:
         """As ``MemoryChannelStore.add_to_group``; the first member subscribes.
 
         Called from a greenlet, it returns once Redis confirmed the subscription
         (or after ``subscribe_timeout``), so a broadcast made right after it, from
-        any process, reaches the new member.
+        any process, reaches the new member. With history, the replay after
+        ``since`` comes from Redis, whichever process the client was on before,
+        and the join is exactly-once against broadcasts from every process (see
+        greenchan/stores/history.py). While Redis cannot be reached, the channel
+        joins live and a ``since`` gets False: continuity cannot be checked.
         """
+        self._check_group(group)
         self._start()
-        super().add_to_group(group, channel, attachment)
-        flag = self._confirm.get(self._key(group))
-        if flag is None or getcurrent() is get_hub():
-            return
-        if not self._tried.is_set():  # just started: wait for the first connection
-            self._tried.wait(self.subscribe_timeout)
-        if self._up and not flag.wait(self.subscribe_timeout):  # in an outage, the reconnection subscribes it
-            log.warning(
-                "Redis did not confirm the subscription to group %r within subscribe_timeout "
-                "(%s s): a broadcast made now may miss its new member", group, self.subscribe_timeout,
-            )
+        if not self.history_size:
+            joined = self._join(group, channel, attachment)
+            if joined:
+                self._wait_subscribed(group)
+            if since is None:
+                return joined
+            _observe_resume(False)
+            if joined:
+                tell_resumed(channel, group, False)
+            return False
+        if self._is_member(group, channel):
+            self._groups[group][channel] = attachment
+            return True
+        if not channel.is_open:
+            return False
+        # The cursor first, buffering: from the moment the channel is a member,
+        # every live message for it waits there until the replay is done.
+        cursor = Cursor()
+        self._cursors.setdefault(group, {})[channel] = cursor
+        if not self._join(group, channel, attachment):
+            self._forget_cursor(group, channel)
+            return False
+        recovered = self._resume(group, channel, attachment, cursor, since)
+        if since is not None:
+            _observe_resume(recovered)
+            if channel.is_open:
+                tell_resumed(channel, group, recovered)
+        return recovered
+
+    def history(self, group: str, since: Optional[str] = None) -> Optional[List[Tuple[str, Any]]]:
+        """The kept messages of ``group`` after ``since`` (all if None), oldest first.
+
+        ``[(id, message), ...]`` read from Redis (every process's broadcasts);
+        None when ``since`` cannot be continued (and always for a ``since`` when
+        the store keeps no history). Raises ``redis.exceptions.ConnectionError``
+        while Redis cannot be reached.
+        """
+        self._check_group(group)
+        if not self.history_size:
+            return [] if since is None else None
+        self._start()
+        try:
+            snap, entries = self._snapshot(group, since, create=False, latest=True)
+        except self._redis.exceptions.AuthenticationError as exc:
+            raise self._redis.exceptions.AuthenticationError(self._scrub(exc)) from None
+        except (self._redis.exceptions.ConnectionError, self._redis.exceptions.TimeoutError, OSError) as exc:
+            raise self._redis.exceptions.ConnectionError(
+                f"reading the history of {group!r} from {self.url} failed: {self._scrub(exc)}"
+            ) from None
+        if snap is None or entries is None:
+            return [] if since is None else None
+        prefix = make_id(group, snap.epoch, "")
+        return [(prefix + e.sid, decode(e.payload)) for e in entries]
 
     def close(self) -> None:
         """Stop the reader greenlet, close the connections and forget every group."""
@@ -247,10 +350,232 @@ class RedisChannelStore(_Groups):
             channel._remove_close_hook(self._channel_closed)
         self._memberships.clear()
         self._groups.clear()
+        self._cursors.clear()
         for flag in self._confirm.values():
             flag.set()
         self._confirm.clear()
         self._up = False
+
+    # -- history: the exactly-once join (see history.py) -----------------------------
+
+    def _history_keys(self, group: str) -> List[bytes]:
+        """The group's stream and meta hash; the group in braces, one hash slot (Cluster)."""
+        base = f"{self.prefix}{{{group}}}:"
+        return [(base + "history").encode(), (base + "meta").encode()]
+
+    def _snapshot(
+        self, group: str, since: Optional[str], *, create: bool, latest: bool = False, count: int = 0
+    ) -> Tuple[Optional[Snapshot], Optional[Entries]]:
+        """One atomic look at ``group``'s history: (snapshot, kept entries after ``since``).
+
+        The entries are None when ``since`` cannot be continued (at most
+        ``count`` of them, 0: all); with no ``since``, the newest kept ones if
+        ``latest``. (None, None) when the group has no history and ``create`` is
+        False. One round trip (more only if two groups' tags collide in a
+        composite ``since``).
+        """
+        keys = self._history_keys(group)
+        token = new_epoch() if create else ""
+        candidates = [] if since is None else [(e, p) for e, p in components(since, group) if parse_sid(p)]
+        if not candidates:
+            newest = self.history_size if latest and since is None else 0
+            args = [token, self._retention_ms, "", "", newest, 0]
+            reply = self._read_lua(keys=keys, args=args, client=self._publisher)
+            if not reply:
+                return None, None
+            snap = Snapshot(reply, newest_first=True)
+            return snap, (snap.kept(self._ttl_ms) if since is None else None)
+        for i, (epoch, position) in enumerate(candidates):
+            # One more than asked: XRANGE starts at since itself when it is kept.
+            args = [token, self._retention_ms, epoch, position, 0, count + 1 if count else 0]
+            reply = self._read_lua(keys=keys, args=args, client=self._publisher)
+            if not reply:
+                return None, None
+            snap = Snapshot(reply)
+            if snap.epoch == epoch or i == len(candidates) - 1:
+                return snap, snap.after(epoch, position, self._ttl_ms)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    #: Kept messages read with the join's snapshot; more are read a page at a
+    #: time while the replay goes on. A long-poll member takes one message per
+    #: request: reading everything after its ``since`` on every poll would cost
+    #: each poll as much as it is behind.
+    FIRST_PAGE = 100
+    PAGE = 1000
+
+    def _resume(self, group: str, channel: Channel, attachment: Any, cursor: Cursor, since: Optional[str]) -> bool:
+        """Bring a joining member from ``since`` to live; True if nothing was missed."""
+        snap: Optional[Snapshot] = None
+        entries: Optional[Entries] = None
+        recovered = since is None
+        errors = (self._redis.exceptions.RedisError, OSError)
+        if self._wait_subscribed(group):
+            try:
+                snap, entries = self._snapshot(group, since, create=True, count=self.FIRST_PAGE)
+                if since is not None and snap is not None and entries is not None:
+                    recovered = self._replay_pages(group, channel, attachment, cursor, snap, entries)
+            except errors as exc:
+                log.debug("reading the history of %r failed: %s", group, self._scrub(exc))
+                recovered = since is None
+        # From here to the end, no yield: the reader cannot slip a message between.
+        if self._cursors.get(group, {}).get(channel) is not cursor:
+            # It left: closed while we waited, or by its replay (a long-poll).
+            return recovered and snap is not None
+        if snap is None:  # Redis unreachable: live, and a since cannot be vouched for
+            self._flush(group, channel, attachment, cursor)
+            return since is None
+        if cursor.epoch != snap.epoch or cursor.seq < snap.last_seq:
+            cursor.moved(snap.epoch, snap.last_sid, snap.last_seq, snap.now_ms)
+        cursor.ms = max(cursor.ms, snap.now_ms)
+        self._flush(group, channel, attachment, cursor)
+        if channel.is_open:
+            tell_position(channel, group, make_id(group, snap.epoch if cursor.epoch is None else cursor.epoch, cursor.sid))
+        return recovered
+
+    def _replay_pages(
+        self, group: str, channel: Channel, attachment: Any, cursor: Cursor, snap: Snapshot, entries: Entries
+    ) -> bool:
+        """Replay up to the snapshot's newest message, a page at a time; False if cut short.
+
+        The cursor buffers live messages all along, so reading the next page
+        may yield. A page that does not continue the last one (trimmed while the
+        replay went on, the client being nearly ``history`` messages behind a
+        busy group) ends the replay: False, after what could be replayed.
+        """
+        render = self.render
+        prefix = make_id(group, snap.epoch, "")
+        page: Optional[Entries] = entries
+        while True:
+            for entry in page or ():
+                if entry.seq > snap.last_seq:
+                    break  # after the snapshot: the buffer has it
+                cursor.moved(snap.epoch, entry.sid, entry.seq, entry.ms)
+                try:
+                    data = decode(entry.payload)
+                    message = data if render is None else render(channel, attachment, data)
+                    if message is not None and not send_tagged(channel, message, group, prefix + entry.sid):
+                        return True  # closed: a long-poll took one and left
+                except Exception:
+                    log.exception("replay to %r in group %r failed", channel, group)
+            if cursor.seq >= snap.last_seq or not channel.is_open:
+                return True
+            since = prefix + cursor.sid
+            latest, page = self._snapshot(group, since, create=False, count=self.PAGE)
+            if latest is None or page is None or latest.epoch != snap.epoch:
+                return False
+
+    def _flush(self, group: str, channel: Channel, attachment: Any, cursor: Cursor) -> None:
+        """Deliver what the cursor buffered (what it has not had yet) and make it live."""
+        buffered, cursor.buffer = cursor.buffer or [], None
+        for epoch, sid, seq, ms, data in buffered:
+            if cursor.wants(epoch, seq, ms):
+                cursor.moved(epoch, sid, seq, ms)
+                replay_to(self.render, group, channel, attachment, [(make_id(group, epoch, sid), data)])
+
+    def _with_ids(self, group: str, epoch: str, entries: Iterable[Entry]) -> Iterator[Tuple[str, Any]]:
+        """(id, message) of each entry, decoded as the replay takes them."""
+        prefix = make_id(group, epoch, "")
+        return ((prefix + e.sid, decode(e.payload)) for e in entries)
+
+    def _forget_cursor(self, group: str, channel: Channel) -> None:
+        cursors = self._cursors.get(group)
+        if cursors is not None:
+            cursors.pop(channel, None)
+            if not cursors:
+                del self._cursors[group]
+
+    def _leave(self, group: str, channel: Channel) -> None:
+        self._forget_cursor(group, channel)
+        super()._leave(group, channel)
+
+    def _deliver_live(self, group: str, epoch: str, sid: str, seq: int, ms: int, data: Any) -> int:
+        """A message of a group with history, from the subscription: once per member."""
+        members = self._groups.get(group)
+        if not members:
+            return 0
+        cursors = self._cursors.get(group, {})
+        render = self.render
+        msg_id = make_id(group, epoch, sid)
+        sent = 0
+        for channel, attachment in list(members.items()):
+            cursor = cursors.get(channel)
+            if cursor is not None:
+                if cursor.buffer is not None:  # joining: after its replay
+                    cursor.buffer.append((epoch, sid, seq, ms, data))
+                    continue
+                if epoch == cursor.epoch:  # the common case, inline
+                    if seq <= cursor.seq:
+                        continue  # already in its replay
+                    cursor.seq, cursor.ms, cursor.sid = seq, ms, sid
+                elif cursor.wants(epoch, seq, ms):
+                    cursor.moved(epoch, sid, seq, ms)
+                else:
+                    continue
+            try:
+                message = data if render is None else render(channel, attachment, data)
+                if message is not None and send_tagged(channel, message, group, msg_id):
+                    sent += 1
+            except Exception:
+                log.exception("broadcast to %r in group %r failed", channel, group)
+        return sent
+
+    def _catch_up(self) -> None:
+        """After a reconnection: give every member what was published while we were away.
+
+        The same steps as a join, for all members of each group at once: their
+        cursors buffer, one snapshot per group, a replay after each member's own
+        position, the buffer, live. Members whose messages are gone (trimmed,
+        expired, or Redis lost the epoch) are told (``_resumed(group, False)``)
+        and reported in a WARNING.
+        """
+        with self._catch_up_lock:
+            lost: Dict[str, int] = {}
+            for group in list(self._cursors):
+                members = self._groups.get(group, {})
+                cursors = [(ch, c) for ch, c in self._cursors.get(group, {}).items() if c.buffer is None]
+                for _, cursor in cursors:
+                    cursor.buffer = []
+                snap: Optional[Snapshot] = None
+                entries: Iterable[Entry] = ()
+                try:
+                    behind = [c for _, c in cursors if c.epoch is not None]
+                    if behind:
+                        oldest = min(behind, key=lambda c: c.seq)
+                        since = make_id(group, oldest.epoch or "", f"{oldest.ms}-{oldest.seq}")
+                        snap, _ = self._snapshot(group, since, create=True)
+                        if snap is not None and snap.epoch == oldest.epoch:
+                            entries = snap.kept(self._ttl_ms)
+                except (self._redis.exceptions.RedisError, OSError) as exc:
+                    log.debug("catching up group %r failed: %s", group, self._scrub(exc))
+                # No yield from here to the end of the group.
+                for channel, cursor in cursors:
+                    if self._cursors.get(group, {}).get(channel) is not cursor:
+                        continue  # it left meanwhile
+                    attachment = members.get(channel)
+                    if snap is not None and cursor.epoch is not None:
+                        if cursor.epoch != snap.epoch:
+                            # Redis lost the group's history: what was published
+                            # before we resubscribed is gone; what came after is
+                            # in the buffer (the cursor follows the new epoch).
+                            lost[group] = lost.get(group, 0) + 1
+                            tell_resumed(channel, group, False)
+                        elif cursor.seq < snap.last_seq:
+                            missed = [e for e in entries if e.seq > cursor.seq]
+                            if not missed or missed[0].seq != cursor.seq + 1:
+                                lost[group] = lost.get(group, 0) + 1
+                                tell_resumed(channel, group, False)
+                            # What is kept, even after a gap: the newest is what matters.
+                            replay_to(self.render, group, channel, attachment,
+                                      self._with_ids(group, snap.epoch, missed))
+                            cursor.moved(snap.epoch, snap.last_sid, snap.last_seq, snap.now_ms)
+                    self._flush(group, channel, attachment, cursor)
+            if lost:
+                log.warning(
+                    "after reconnecting to Redis at %s, %d member(s) of %d group(s) could not be "
+                    "given what was published while the subscriber was disconnected (no longer "
+                    "in the history): they go on live, and were told they did not resume (%s)",
+                    self.url, sum(lost.values()), len(lost), ", ".join(sorted(lost)[:10]),
+                )
 
     # -- subscriptions -------------------------------------------------------------
 
@@ -301,10 +626,32 @@ class RedisChannelStore(_Groups):
                 return
             if want:
                 self._subscribed.add(group)
+                key = self._key(group)
+                self._outstanding[key] = self._outstanding.get(key, 0) + 1
             else:
                 self._subscribed.discard(group)
 
     # -- the reader greenlet ------------------------------------------------------
+
+    def _wait_subscribed(self, group: str) -> bool:
+        """Wait until Redis confirmed ``group``'s subscription; True if it is in effect.
+
+        From a greenlet only (the hub cannot wait), at most ``subscribe_timeout``;
+        during an outage it does not wait (the reconnection subscribes).
+        """
+        if getcurrent() is get_hub():
+            return False
+        key = self._key(group)
+        flag = self._confirm.get(key)
+        if flag is not None:
+            if not self._tried.is_set():  # just started: wait for the first connection
+                self._tried.wait(self.subscribe_timeout)
+            if self._up and not flag.wait(self.subscribe_timeout):
+                log.warning(
+                    "Redis did not confirm the subscription to group %r within subscribe_timeout "
+                    "(%s s): a broadcast made now may miss its new member", group, self.subscribe_timeout,
+                )
+        return self._up and group in self._subscribed and key not in self._confirm
 
     def _check_size(self, payload: bytes) -> None:
         """Refuse a message Redis would cut every subscriber for (see the class docstring)."""
@@ -341,6 +688,7 @@ class RedisChannelStore(_Groups):
         if self._pid == pid and self._reader is not None:
             return
         self._pid = pid
+        self._ever_up = False
         self._conn = None
         self._subscribed = set()
         self._up = False
@@ -353,6 +701,9 @@ class RedisChannelStore(_Groups):
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
             client_name=f"greenchan-pub-{pid}",
         )
+        # EVALSHA, loaded on first use (and again after Redis lost its scripts).
+        self._publish_lua = self._publisher.register_script(PUBLISH_LUA)
+        self._read_lua = self._publisher.register_script(READ_LUA)
         self._reader = gevent.spawn(self._run)
 
     def _connect(self) -> Any:
@@ -381,6 +732,7 @@ class RedisChannelStore(_Groups):
                     self._conn = conn
                     self._subscribed = set(self._groups)
                     keys = [self._key(g) for g in self._subscribed]
+                    self._outstanding = dict.fromkeys(keys, 1)
                     for i in range(0, len(keys), 1000):
                         conn.send_command("SUBSCRIBE", *keys[i:i + 1000], check_health=False)
                     # Redis answers in order: the PING's reply means every
@@ -415,9 +767,7 @@ class RedisChannelStore(_Groups):
                     self._on_message(reply[1], reply[2])
                     continue
                 if kind == b"subscribe":
-                    flag = self._confirm.pop(reply[1], None)
-                    if flag is not None:
-                        flag.set()
+                    self._confirmed(reply[1])
                     continue
                 if kind != b"pong":
                     continue
@@ -425,6 +775,17 @@ class RedisChannelStore(_Groups):
                 continue
             if self._ping_pending:
                 self._connected()
+
+    def _confirmed(self, key: bytes) -> None:
+        """Redis confirmed a SUBSCRIBE of ``key``: once the last one is, wake the joiners."""
+        left = self._outstanding.get(key, 1) - 1
+        if left > 0:
+            self._outstanding[key] = left
+            return
+        self._outstanding.pop(key, None)
+        flag = self._confirm.pop(key, None)
+        if flag is not None:
+            flag.set()
 
     def _lost(self) -> bool:
         """Drop the subscriber connection; True if the store was up until now."""
@@ -439,7 +800,16 @@ class RedisChannelStore(_Groups):
             log.debug("reconnecting to Redis at %s failed: %s", self.url, self._scrub(exc))
             return
         self._outage_logged = True
-        if was_up and self._groups:
+        if was_up and self._groups and self.history_size:
+            log.warning(
+                "lost the subscriber connection to Redis at %s (%s): messages published to "
+                "this process's %d group(s) while it is disconnected will be replayed to its "
+                "members from the history when it is back, as far as the history still has "
+                "them (if it followed a burst of large broadcasts, Redis cut it for "
+                "client-output-buffer-limit pubsub); broadcasts raise ConnectionError until "
+                "then; reconnecting", self.url, self._scrub(exc), len(self._groups),
+            )
+        elif was_up and self._groups:
             log.warning(
                 "lost the subscriber connection to Redis at %s (%s): messages published to "
                 "this process's %d group(s) while it is disconnected are lost for this "
@@ -467,8 +837,7 @@ class RedisChannelStore(_Groups):
     def _connected(self) -> None:
         """Every SUBSCRIBE sent on connecting is in effect: the store is up."""
         self._ping_pending = False
-        for key in list(self._confirm):
-            self._confirm.pop(key).set()
+        reconnected, self._ever_up = self._ever_up, True
         self._up = True
         self._auth_error = None
         self._delay = self.reconnect_min
@@ -479,13 +848,25 @@ class RedisChannelStore(_Groups):
         # Groups that came or went while the bulk SUBSCRIBE was on its way.
         for group in set(self._groups) ^ self._subscribed:
             self._sync(group)
+        if self.history_size and self._cursors and reconnected:
+            gevent.spawn(self._catch_up)
 
     def _on_message(self, key: bytes, payload: bytes) -> None:
         group = key[len(self.prefix.encode()):].decode()
         if group not in self._groups:
             return  # unsubscribed while the message was on its way
         try:
-            data = decode(payload)
+            if payload[:1] != b"h":
+                data = decode(payload)
+            else:  # b"h<epoch>:<ms>-<n> " + payload: a message of a group with history
+                head, _, body = payload.partition(b" ")
+                epoch, _, sid = head[1:].decode().partition(":")
+                ms, _, seq = sid.partition("-")
+                data = decode(body)
+                if self.history_size:
+                    self._deliver_live(group, epoch, sid, int(seq), int(ms), data)
+                    return
+                # A store without history sharing the prefix: deliver it plainly.
         except Exception:
             log.exception("undecodable message on Redis channel %r dropped", key)
             return
@@ -495,6 +876,7 @@ class RedisChannelStore(_Groups):
         with self._write_lock:
             conn, self._conn = self._conn, None
             self._subscribed = set()
+            self._outstanding = {}
         if conn is not None:
             try:
                 conn.disconnect()
