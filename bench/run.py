@@ -56,6 +56,11 @@ SERVERS = [
     Peer("greenchan-gen0", "greenchan_server.py", "ws", env={"BENCH_GC": "gen0=50000"}, default=False),
     Peer("greenchan-gcfg", "greenchan_server.py", "ws", env={"BENCH_GC": "freeze,gen0=50000"}, default=False),
     Peer("greenchan-nogc", "greenchan_server.py", "ws", env={"BENCH_GC": "off"}, default=False),
+    # greenchan with the changes proposed in results.md applied at start-up (BENCH_PATCH).
+    Peer("greenchan-deliver", "greenchan_server.py", "ws", env={"BENCH_PATCH": "deliver"}, default=False),
+    Peer("greenchan-park", "greenchan_server.py", "ws", env={"BENCH_PATCH": "park"}, default=False),
+    Peer("greenchan-write", "greenchan_server.py", "ws", env={"BENCH_PATCH": "write"}, default=False),
+    Peer("greenchan-fixed", "greenchan_server.py", "ws", env={"BENCH_PATCH": "deliver,park,write"}, default=False),
 ]
 BY_NAME = {p.name: p for p in SERVERS}
 # The real peers ("best peer" in the targets): not the floors, not greenchan's variants.

@@ -210,9 +210,46 @@ def patch_park() -> None:
     module.Channel._dispatch = scope["_dispatch"]
 
 
+def patch_write() -> None:
+    """BENCH_PATCH=write: an experiment, Connection.write trying the plain `send` of
+    `data` before it builds anything: the list of memoryviews it builds for every
+    write is needed only when the kernel takes part of the data (or there is a tail)."""
+    import inspect
+    import textwrap
+
+    from greenchan import connection as module
+
+    src = textwrap.dedent(inspect.getsource(module.Connection.write))
+    anchor = "        parts = [memoryview(data)] if tail is None else [memoryview(data), memoryview(tail)]\n"
+    anchor = anchor[4:]
+    assert anchor in src, "Connection.write changed: the experiment is stale"
+    fast = (
+        "    if tail is None and not self._out:\n"
+        "        try:\n"
+        "            sent = self._raw.send(data)\n"
+        "        except (BlockingIOError, InterruptedError):\n"
+        "            sent = 0\n"
+        "        except OSError as exc:\n"
+        "            self._lost(exc)\n"
+        "            return False\n"
+        "        if sent == len(data):\n"
+        "            return True\n"
+        "        data = data[sent:]\n"
+    )
+    src = src.replace(anchor, fast + anchor)
+    # What the kernel did not take goes to the queue: the generic path below must
+    # not try the socket again before it.
+    src = src.replace("    if not self._out:\n        try:", "    if not self._out and tail is not None:\n        try:", 1)
+    assert "if not self._out and tail is not None:" in src
+    scope: dict = {}
+    exec(compile(src, module.__file__, "exec"), module.__dict__, scope)
+    module.Connection.write = scope["write"]
+
+
 def log_gc(path: str) -> None:
-    """BENCH_GC_LOG: write each collection's generation and pause (ms) to `path`, one
-    line each, so a run's tail can be laid beside its collections."""
+    """BENCH_GC_LOG: write each collection's time, generation, CPU ms, objects collected
+    and (for a full collection) objects tracked after it to `path`, one line each, so
+    a run's tail can be laid beside its collections."""
     import gc
     import time
 
@@ -220,10 +257,12 @@ def log_gc(path: str) -> None:
     start = [0.0]
 
     def cb(phase, info):
+        # CPU time, not wall-clock: what the collection costs, whatever else the
+        # machine runs meanwhile.
         if phase == "start":
-            start[0] = time.perf_counter()
+            start[0] = time.thread_time()
         else:
-            ms = 1000 * (time.perf_counter() - start[0])
+            ms = 1000 * (time.thread_time() - start[0])
             n = len(gc.get_objects()) if info["generation"] == 2 else 0
             out.write(f"{time.time():.6f} {info['generation']} {ms:.3f} {info['collected']} {n}\n")
 
@@ -238,6 +277,6 @@ if __name__ == "__main__":
         log_gc(os.environ["BENCH_GC_LOG"])
     tune_gc(os.environ.get("BENCH_GC", ""))
     for patch in filter(None, os.environ.get("BENCH_PATCH", "").split(",")):
-        {"deliver": patch_deliver, "park": patch_park}[patch]()
+        {"deliver": patch_deliver, "park": patch_park, "write": patch_write}[patch]()
     print(f"READY {server.port}" + (f" note={NOTE}" if NOTE else ""), flush=True)
     server.serve_forever()
