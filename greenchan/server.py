@@ -626,7 +626,9 @@ class Server:
         what is left. ``tick()`` runs about once a second while waiting (gunicorn's
         worker must keep telling its master that it is alive).
         """
-        for channel in list(self._channels):
+        # Sessions before their carriers: a session acknowledges what its client sent
+        # before it ends the client's WebSocket (sessions.py, Session.shutdown).
+        for channel in sorted(self._channels, key=lambda c: c.session is None):
             channel._transport.shutdown()
         for handler in list(self._handlers):
             if handler._idle:  # an idle keep-alive connection: nothing to wait for

@@ -499,8 +499,18 @@ class Session:
         self.forget()
 
     def shutdown(self) -> None:
-        """The server is stopping."""
-        self.close(1001, "server shutting down")
+        """The server is stopping: the channel closes (``on_close`` runs) and the
+        carrier ends, but with no ``close`` frame: that would end greenchan.js for
+        good. The client reconnects, as after a drop, and starts a new session on
+        the server that comes back (or another process)."""
+        carrier = self._carrier
+        if carrier is not None and self._kind == "websocket":
+            # What was received goes unacknowledged for up to _ACK_DELAY: say it now,
+            # or the client sends it again to the new session, which delivers it twice.
+            self._send_ack()
+            self._carrier = None
+            carrier.close(1001, "server shutting down")
+        self._finish(CloseStatus.SERVER_CLOSE, 1001, "server shutting down")
 
     def abort(self) -> None:
         self._finish(CloseStatus.SERVER_CLOSE)

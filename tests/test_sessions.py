@@ -298,3 +298,59 @@ def test_stolen_client_id_refused_on_same_origin_gets(serve):
                          headers=dict(same, Host="app.example"), timeout=5)
     assert again.status_code == 200 and again.json()["f"] == ["1:hi"]
     assert counter.started == [client]
+
+
+def test_server_stop_lets_the_client_come_back(serve):
+    """A stopping server ends the session without a close frame (which would end
+    greenchan.js for good): the socket closes with 1001, a waiting poll gets no
+    frame, on_close runs once, and the client comes back in a new session. (The
+    session's shutdown is called directly, as Server.stop does, so that the order
+    in which stop() visits the carrier and the session does not matter.)"""
+    counter = Counter()
+    server = serve(counter.app(), session_grace=60)
+    client = cid()
+    ws = websocket.create_connection(ws_url(server, client), timeout=5)
+    control(ws.recv())
+    assert ws.recv() == "welcome"
+    counter.channels[0]._transport.shutdown()
+    frame = ws.recv_data_frame(True)[1]
+    assert frame.opcode == websocket.ABNF.OPCODE_CLOSE, frame.data
+    assert int.from_bytes(frame.data[:2], "big") == 1001
+    ws.shutdown()
+    wait_for(lambda: counter.closed)
+    assert counter.closed == [CloseStatus.SERVER_CLOSE]
+    assert client not in server.sessions
+
+    first = requests.get(base(server), params=q(client, "longpoll", gc_open=1), timeout=5).json()
+    assert first["hello"]["new"] is True
+    sid = first["hello"]["sid"]
+    result = []
+    waiter = gevent.spawn(lambda: result.append(requests.get(base(server), params=q(client, "longpoll", gc_ack=1, gc_sid=sid), timeout=5)))
+    wait_for(lambda: server.sessions[client]._carrier is not None)
+    counter.channels[1]._transport.shutdown()
+    waiter.join(5)
+    assert result[0].json()["f"] == []
+    assert counter.closed == [CloseStatus.SERVER_CLOSE, CloseStatus.SERVER_CLOSE]
+    assert client not in server.sessions
+
+
+def test_server_stop_acknowledges_what_it_received(serve):
+    """The client's messages are acknowledged up to 200 ms late; a stopping server
+    says what it received before it ends the WebSocket, or the client would send
+    those again to the new session, which would deliver them a second time."""
+    counter = Counter()
+    server = serve(counter.app())
+    ws = websocket.create_connection(ws_url(server, cid()), timeout=5)
+    control(ws.recv())
+    assert ws.recv() == "welcome"
+    ws.send("x")
+    assert ws.recv() == "1:x"
+    gevent.spawn(server.stop, 2)
+    frames = []
+    for _ in range(5):
+        opcode, data = ws.recv_data(True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            break
+        frames.append(data.decode())
+    assert [control(f) for f in frames] == [{"ack": 1}]
+    ws.shutdown()

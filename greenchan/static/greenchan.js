@@ -262,7 +262,10 @@
       if (s === 410) {
         conn._finish({code: 1000, reason: "closed by the server", wasClean: true});
       } else if (s >= 400 && s < 500 && s !== 408 && s !== 409 && s !== 429) {
-        if (conn._queue[0] === entry) conn._queue.shift();
+        if (conn._queue[0] === entry) {
+          conn._queue.shift();
+          conn._renumber(entry.seq);
+        }
         conn._drop(entry.data, "rejected by the server: HTTP " + s);
         self.flush();
       } else {
@@ -526,6 +529,14 @@
     driver.flush();  // what was queued goes before what onopen sends
     this._emit("open", {transport: driver.name, reconnected: reconnected});
     if (resumed === true) this._emit("resume", {recovered: true, group: null});
+  };
+
+  Connection.prototype._renumber = function (seq) {
+    // The server refused message `seq` (413, 403...) without counting it: the ones
+    // after it move up a number, or the next would skip one and get 409 forever.
+    var q = this._queue;
+    for (var i = 0; i < q.length; i++) if (q[i].seq > seq) q[i].seq -= 1;
+    this._seq -= 1;
   };
 
   Connection.prototype._confirm = function (n) {
