@@ -347,11 +347,14 @@ class TestClient:
         """Drop the connection (unless it is dropped already) and connect again.
 
         A session resumes: the same server channel, what was sent meanwhile
-        arrives, and unconfirmed messages are sent again; ``transport`` switches
-        it to another transport. A plain client gets a new channel (the handler
-        runs again), with ``Last-Event-ID`` if it has one.
+        arrives, and unconfirmed messages are sent again (or, if the server
+        forgot it, a new session starts: ``hello["new"]``, the handler runs
+        again); ``transport`` switches it to another transport. A closed session
+        cannot come back (``ChannelClosed``). A plain client gets a new channel
+        (the handler runs again), with ``Last-Event-ID`` if it has one, as an
+        ``EventSource`` reconnects after its stream ended.
         """
-        if self._closing:
+        if self._closing or (self.session and self._state is _CLOSED):
             raise ChannelClosed(self.close_status)
         if transport is not None:
             if transport not in TRANSPORTS or (self.session and transport == "http"):
@@ -381,8 +384,9 @@ class TestClient:
         """The server's ``Channel`` for this client, when the server runs in this process.
 
         For a session, its one channel; for a plain client, the channel of the
-        current connection or request (``None`` once a finished request's
-        channel is gone, or when the server is elsewhere). Assert on it directly:
+        current connection or request (or the last one, once closed). ``None``
+        when the server is elsewhere, or a plain request's channel came and went
+        before the client looked (a quick ``"http"`` answer). Assert on it directly:
         ``client.channel in store.members("room")``, ``client.channel.transport``.
         """
         if self.server is None:
@@ -918,7 +922,7 @@ class _WebSocket:
     def open(self, address: Tuple[str, int], target: str, headers: List[Tuple[str, str]], subprotocols: Optional[List[str]], timeout: float) -> _HandshakeResponse:
         """The opening handshake; ``Rejected`` unless the server answers 101."""
         # No size limit: the server's limits are under test, not the client's.
-        self.proto = proto = ClientProtocol(parse_uri(f"ws://{address[0]}:{address[1]}{target}"), subprotocols=subprotocols, max_size=None)
+        self.proto = proto = ClientProtocol(parse_uri(f"ws://{address[0]}:{address[1]}{target}"), subprotocols=subprotocols, max_size=None)  # type: ignore[arg-type]
         request = proto.connect()
         for name, value in headers:
             if name in request.headers:

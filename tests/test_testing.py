@@ -3,7 +3,6 @@ import subprocess
 import sys
 import textwrap
 
-import gevent
 import pytest
 
 from greenchan import ChannelClosed, CloseStatus, Event, MemoryChannelStore, Server, with_channel
@@ -370,7 +369,7 @@ def test_server_stop_tells_every_session_client(transport):
         server = Server(Echo().app(), port=0).start()
         with TestClient(server, transport=transport) as client:
             assert client.receive(timeout=5) == "welcome"
-            wait_for(lambda: len(server._channels) == 2)  # the session and its carrier
+            wait_for(lambda server=server: len(server._channels) == 2)  # the session and its carrier
             server.stop(timeout=2)
             with pytest.raises(ChannelClosed):
                 client.receive(timeout=5)
