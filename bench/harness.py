@@ -340,7 +340,8 @@ def versions() -> dict:
     """Everything a figure depends on, to be written beside it."""
     v: dict = {"python": platform.python_version(), "python_executable": sys.executable}
     for dist in ("greenchan", "gevent", "greenlet", "gevent-websocket", "Flask", "flask-sock",
-                 "simple-websocket", "Werkzeug", "websockets", "aiohttp", "redis"):
+                 "simple-websocket", "Werkzeug", "websockets", "aiohttp", "redis", "python-socketio",
+                 "python-engineio"):
         v[dist] = _dist_version(dist)
     try:
         import greenchan  # noqa: F401

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -521,6 +520,11 @@ def markdown(results: dict, o, info: dict) -> str:
                        f"{fmt(r.get('p50_ms'), 'ms')} | {fmt(r.get('p99_ms'), 'ms')} | "
                        f"{pct('server_cpu_pct')} | {pct('client_cpu_pct')} | {pct('other_cpu_pct')} | {note} |")
     out.append("")
+    findings = BENCH / "findings.md"
+    if findings.exists():
+        # Hand-written: what the figures above were used to find (kept across runs).
+        out.append(findings.read_text().rstrip())
+        out.append("")
     out.append("## Versions")
     out.append("")
     out.append("| | |")

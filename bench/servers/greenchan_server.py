@@ -234,7 +234,7 @@ def patch_write() -> None:
         "            return False\n"
         "        if sent == len(data):\n"
         "            return True\n"
-        "        data = data[sent:]\n"
+        "        data = memoryview(data)[sent:]\n"
     )
     src = src.replace(anchor, fast + anchor)
     # What the kernel did not take goes to the queue: the generic path below must
