@@ -295,7 +295,9 @@ class WebSocketTransport:
         conn = self.conn
         while True:
             if protocol.state is not _OPEN or protocol.parser_exc is not None or conn.closed:
-                # Closing or failed: the engine takes (and discards) the rest.
+                # Closing or failed: no message is delivered any more, so the
+                # queue sets no limit; the engine takes the rest (the client's
+                # close to read, or bytes to discard).
                 rest = reader.rest()
                 if rest and not conn.closed:
                     self._engine(rest)
