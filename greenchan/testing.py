@@ -618,6 +618,7 @@ class TestClient:
             return
         if hello.get("sid") != self._sid:  # a session instance this client has not seen
             self._sid, self._recv, self._acked, self._next_id = hello.get("sid", ""), 0, 0, None
+            self._channel = None  # a new session has a new channel (long-polls go on into it)
         self.hello = hello
         self._confirm(int(hello.get("in", 0)))
         self._ready.set()
@@ -667,8 +668,10 @@ class TestClient:
             raise ChannelClosed(self.close_status)
         if http.status != 200:
             if 400 <= http.status < 500 and http.status not in (408, 409, 429):
-                # refused for good: greenchan.js forgets it rather than resend it
-                self._unconfirmed = collections.deque(e for e in self._unconfirmed if e[0] != seq)
+                # Refused for good and not counted by the server: greenchan.js
+                # forgets it, and the next message takes its number.
+                self._unconfirmed = collections.deque((n - (n > seq), m) for n, m in self._unconfirmed if n != seq)
+                self._seq -= 1
             raise Rejected(http.status, http.headers, answer)
         confirmed = json.loads(answer)
         if confirmed.get("sid") == self._sid:

@@ -132,6 +132,9 @@ def test_session_closed_by_the_server(transport):
 
     with TestClient(app, transport=transport) as client:
         assert client.receive(timeout=5) == "bye soon"
+        # a long-poll client between two polls would not learn of the close (see
+        # test_client_away_when_the_server_closed_learns_it): let the next poll wait
+        wait_for(lambda: client.channel._transport._carrier is not None)
         client.send("go")
         with pytest.raises(ChannelClosed) as closed:
             client.receive(timeout=5)
@@ -360,12 +363,12 @@ def test_server_stop_ends_clients(transport):
     assert echo.closed == [CloseStatus.SERVER_CLOSE]
 
 
-@pytest.mark.xfail(reason="Server.stop() shuts down session and carrier channels in set order: when the "
-                          "carrier goes first the session's close frame never reaches its client (report)")
 @pytest.mark.parametrize("transport", SESSION_TRANSPORTS)
-def test_server_stop_tells_every_session_client(transport):
-    """A session client learns that the server closed it ({"close": [1001, ...]}), every time."""
-    for _ in range(10):  # the outcome depends on set iteration order: several tries
+def test_server_stop_drops_every_session_client(transport):
+    """A stopping server ends sessions with no close frame (docs/sessions.md), so
+    that greenchan.js reconnects to the server that comes back: every client is
+    dropped, never closed, whichever order stop() visits the channels in."""
+    for _ in range(5):
         server = Server(Echo().app(), port=0).start()
         with TestClient(server, transport=transport) as client:
             assert client.receive(timeout=5) == "welcome"
@@ -373,8 +376,9 @@ def test_server_stop_tells_every_session_client(transport):
             server.stop(timeout=2)
             with pytest.raises(ChannelClosed):
                 client.receive(timeout=5)
-            assert not client.dropped  # the session's close frame came, not just the end of a connection
-            assert (client.close_code, client.close_reason) == (1001, "server shutting down")
+            assert client.dropped
+            if transport == "websocket":
+                assert (client.close_code, client.close_reason) == (1001, "server shutting down")
 
 
 @pytest.mark.parametrize("transport", SESSION_TRANSPORTS)
@@ -477,27 +481,28 @@ def test_new_session_resumes_its_groups_from_history(serve, transport):
         assert [client.receive(timeout=5), client.receive(timeout=5)] == ["two", b"three"]
 
 
-@pytest.mark.xfail(reason="a session POST refused with 413 (max_body) leaves a gap in the message numbers: "
-                          "every later message is answered 409 (report)")
 @pytest.mark.parametrize("transport", ["sse", "longpoll"])
-def test_session_goes_on_or_ends_after_a_body_too_large(serve, transport):
-    got, closed = [], []
+def test_session_goes_on_after_a_body_too_large(serve, transport):
+    """A message refused with 413 is not counted: the next one takes its number
+    (as greenchan.js does), instead of skipping one and getting 409 forever."""
+    got = []
 
     @with_channel
     def app(channel):
         channel.on_receive(got.append)
-        channel.on_close(closed.append)
 
     server = serve(app, max_body=1000)
     with TestClient(server, transport=transport) as client:
+        client.send("before")
         with pytest.raises(Rejected) as refused:
             client.send("x" * 2000)
         assert refused.value.status == 413
-        try:
-            client.send("small")  # greenchan.js drops a message refused with 4xx and goes on
-            wait_for(lambda: got == ["small"], timeout=2)
-        except ChannelClosed:  # or the session ends, and the handler hears of it
-            wait_for(lambda: closed, timeout=2)
+        client.send("after")
+        wait_for(lambda: got == ["before", "after"])
+        client.reconnect()  # nothing is sent twice
+        client.send("last")
+        wait_for(lambda: len(got) == 3)
+    assert got == ["before", "after", "last"]
 
 
 @pytest.mark.xfail(reason="a session WebSocket message over max_message_size closes the carrier (1009) but "
@@ -522,3 +527,25 @@ def test_session_goes_on_or_ends_after_a_message_too_big(serve):
             wait_for(lambda: got == ["small"], timeout=2)
         except ChannelClosed:
             wait_for(lambda: closed == [CloseStatus.MESSAGE_TOO_BIG], timeout=2)
+
+
+@pytest.mark.xfail(reason="sessions.serve() starts a new session for a GET or WebSocket of a CLOSED session "
+                          "instead of answering hello + the close frame, as docs/sessions.md says (report)")
+@pytest.mark.parametrize("transport", SESSION_TRANSPORTS)
+def test_client_away_when_the_server_closed_learns_it(serve, transport):
+    """The server closes a session while its client is between two requests (a
+    long-poll between polls, any transport reconnecting): coming back, the client
+    gets the close frame, and the handler does not run again."""
+    echo = Echo()
+    server = serve(echo.app(), session_grace=10)
+    with TestClient(server, transport=transport) as client:
+        assert client.receive(timeout=5) == "welcome"
+        client.drop()
+        channel = echo.channels[0]
+        wait_for(lambda: channel._transport.state == "detached")
+        channel.close(4000, "bye")
+        client.reconnect()
+        with pytest.raises(ChannelClosed):
+            client.receive(timeout=5)
+        assert (client.close_code, client.close_reason) == (4000, "bye")
+    assert len(echo.channels) == 1
