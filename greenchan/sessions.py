@@ -138,7 +138,7 @@ def serve(inner: Channel, handler: Callable, server: Any, options: Options, para
         if session is None and "gc_seq" not in params:  # an acknowledgement for a session gone
             inner.send({"status": 410, "headers": _HEADERS, "body": _JSON.encode({"closed": True})})
             return
-    if session is None or (session.state is CLOSED and method != "POST"):
+    if session is None or (session.state is CLOSED and method != "POST" and not session.owes(params)):
         if session is not None:
             session.forget()
         session = Session(cid, inner, server, options, params)
@@ -250,7 +250,8 @@ class Session:
         old, self._carrier = self._carrier, None
         if old is not None:
             self._let_go(old)
-        self._stop_grace()
+        if self.state is not CLOSED:  # a closed one is forgotten when its grace ends
+            self._stop_grace()
         kind = carrier.transport
         if kind == "longpoll" and carrier.environ.get("HTTP_ACCEPT", "").startswith("text/event-stream"):
             kind = "sse"
@@ -277,6 +278,11 @@ class Session:
             self._write(carrier, frame)
         if self.state is CLOSED:
             self._end_carrier(carrier)
+
+    def owes(self, params: Dict[str, str]) -> bool:
+        """A closed session still has frames for this client (its ``close`` frame at
+        least): the client comes back to learn how it ended, not to start over."""
+        return params.get("gc_sid") == self.sid and _number(params, "gc_ack") < self._base + len(self._frames)
 
     def _poll_expired(self, carrier: Channel) -> None:
         if self._carrier is carrier:

@@ -348,3 +348,54 @@ def test_a_stolen_client_id_is_refused_from_another_origin(browser, server, coun
     finally:
         thief.close()
         owner.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_refused_message_is_dropped_and_the_rest_goes_on(browser, counter, transport):
+    """Over the limit: a POST gets 413, a WebSocket message closes the socket with
+    1009. Either way the server did not count it: greenchan.js reports it (ondrop),
+    and the messages after it are not wedged behind it (409s, or the same message
+    sent again on every reconnect), in the same session."""
+    server = Server(counter, port=0, max_body=1000, max_message_size=1000, session_grace=60).start()
+    page = Page(browser, f"http://127.0.0.1:{server.port}/page")
+    try:
+        cid = page.js("(t) => connect(t)", transport)
+        page.wait("window.log.opens.length === 1")
+        page.js("chan.send('a'); chan.send('x'.repeat(2000)); chan.send('b'); chan.send('c')")
+        page.wait("window.log.messages.indexOf('3:c') >= 0")
+        drops = page.js("window.log.drops")
+        assert [d[0] for d in drops] == ["x" * 2000]
+        assert drops[0][1].startswith("rejected by the server"), drops
+        assert counter.received[cid] == ["a", "b", "c"]
+        assert [m for m in page.js("window.log.messages") if ":" in m] == ["1:a", "2:b", "3:c"]
+        assert counter.started == [cid] and counter.closed == []
+    finally:
+        page.close()
+        server.stop(timeout=1)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_closed_while_away_is_learned_on_return(browser, server, counter, transport):
+    """The application closes the session while the network is down (a kick): the
+    client learns it when it comes back (onclose with the application's code), and
+    does not start a new session in its place (the handler does not run again)."""
+    relay = Relay(server.port).start()
+    page = Page(browser, f"http://127.0.0.1:{relay.port}/page")
+    try:
+        cid = page.js("(t) => connect(t)", transport)
+        page.wait("window.log.opens.length === 1")
+        channel = wait_for(lambda: counter.channels)[0]
+        relay.cut()
+        page.wait("window.chan.state !== 'open'")
+        wait_for(lambda: server.sessions[cid].state == "detached", timeout=10)
+        channel.send("last words")
+        channel.close(4000, "kicked")
+        relay.restore()
+        page.wait("window.log.closes.length === 1")
+        assert page.js("window.log.closes") == [[4000, "kicked"]]
+        assert page.js("window.log.messages") == ["welcome", "last words"]
+        assert counter.started == [cid]
+        assert counter.closed == [(cid, CloseStatus.SERVER_CLOSE)]
+    finally:
+        page.close()
+        relay.stop()

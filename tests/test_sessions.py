@@ -354,3 +354,25 @@ def test_server_stop_acknowledges_what_it_received(serve):
         frames.append(data.decode())
     assert [control(f) for f in frames] == [{"ack": 1}]
     ws.shutdown()
+
+
+def test_a_client_that_comes_back_learns_it_was_closed(serve):
+    """Closed while its client was away (a kick during a drop): the client that comes
+    back gets the close frame, not a new session in its place."""
+    counter = Counter()
+    server = serve(counter.app(), session_grace=60)
+    client = cid()
+    first = requests.get(base(server), params=q(client, "longpoll", gc_open=1), timeout=5).json()
+    sid = first["hello"]["sid"]
+    counter.channels[0].close(4000, "kicked")
+    back = requests.get(base(server), params=q(client, "longpoll", gc_sid=sid, gc_ack=1), timeout=5).json()
+    assert back["hello"]["new"] is False
+    assert (back["from"], back["f"]) == (1, [{"c": {"close": [4000, "kicked"]}}])
+    ws = websocket.create_connection(ws_url(server, client, gc_sid=sid, gc_ack=1), timeout=5)
+    assert control(ws.recv())["hello"]["new"] is False
+    assert control(ws.recv()) == {"close": [4000, "kicked"]}
+    ws.close()
+    assert counter.started == [client]
+    # a client that got it all, or knows no instance, starts over
+    again = requests.get(base(server), params=q(client, "longpoll", gc_sid=sid, gc_ack=2), timeout=5).json()
+    assert again["hello"]["new"] is True and counter.started == [client, client]

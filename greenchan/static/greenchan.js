@@ -383,6 +383,7 @@
     this._ackBytes = 0;
     this._ackTimer = null;
     this._nextId = null;  // the group and id of the next message
+    this._tooBig = false;  // the last WebSocket was closed with 1009
     this._driver = null;
     this._order = [];
     this._next = 0;
@@ -516,6 +517,16 @@
       resumed = true;  // the same session: what was missed comes now
     }
     this._confirm(h["in"]);
+    if (this._tooBig) {
+      // The first message the server has not got is the one it refused: sent
+      // again, it would close the socket again, on every reconnect.
+      this._tooBig = false;
+      var big = this._queue.shift();
+      if (big) {
+        this._renumber(big.seq);
+        this._drop(big.data, "rejected by the server: too big (WebSocket close 1009)");
+      }
+    }
     this._queue.forEach(function (entry) { entry.ws = null; });
     if (!first) return;
     var reconnected = this._everOpened;
@@ -603,6 +614,8 @@
     this._ackTimer = null;
     info.transport = driver.name;
     clearTimeout(this._stableTimer);
+    // 1009: the server refused a message too big for it, without counting it.
+    if (driver.opened && info.code === 1009) this._tooBig = true;
     if (driver.opened) {
       this._emit("error", {message: driver.name + " connection lost: " + (info.reason || "")});
       this._scheduleReconnect(info);
