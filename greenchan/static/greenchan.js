@@ -40,6 +40,8 @@
  * long-poll   GET answered 200 {"hello"?, "from": n, "f": [frame...]}, a frame
  *             being a string, {"b": base64} or {"c": control}.
  * POST        one message per POST, in order; 200 {"in": n} confirms it.
+ * Refused     a POST answered 4xx (413...) or a WebSocket closed with 1009: that
+ *             message was not counted; it goes to ondrop, the next takes its number.
  *
  * Plain clients (curl, a plain EventSource or WebSocket) send no gc_cid and get
  * plain channels, one per request or connection.
