@@ -518,6 +518,16 @@ class TestClient:
     def _request(self, method: str, target: str, headers: List[Tuple[str, str]], body: Optional[bytes] = None) -> "_Http":
         return _Http(self._address, method, target, headers, body)
 
+    def _exchange(self, method: str, target: str, headers: List[Tuple[str, str]], body: Optional[bytes], timeout: Optional[float], what: str) -> Response:
+        """One complete request and answer, within ``timeout`` (``TimeoutError`` names ``what``)."""
+        with _deadline(timeout, what):
+            http = self._request(method, target, headers, body)
+            try:
+                http.read_head()
+                return Response(http.status, http.headers, http.read())
+            finally:
+                http.close()
+
     def _session_target(self, transport: str, **extra: str) -> str:
         """The route with the session's parameters, as greenchan.js builds them."""
         params = {"gc_transport": transport, "gc_cid": self.session}
@@ -555,11 +565,8 @@ class TestClient:
             # again, and start a new session once this one is gone.
             self._drop_carrier()
             try:
-                with _deadline(self.timeout, "the server did not answer gc_close"):
-                    http = self._request("POST", self._session_target(self.transport, gc_close="1"), self._headers())
-                    http.read_head()
-                    http.close()
-            except (OSError, EOFError, TimeoutError):
+                self._exchange("POST", self._session_target(self.transport, gc_close="1"), self._headers(), b"", self.timeout, "the answer to gc_close")
+            except (OSError, EOFError, ValueError, TimeoutError):
                 pass  # the server is gone: nothing left to close
             code, reason, status = 1000, "", CloseStatus.NORMAL
         else:
@@ -659,21 +666,18 @@ class TestClient:
             return
         content_type = "text/plain;charset=UTF-8" if isinstance(data, str) else "application/octet-stream"
         body = data.encode() if isinstance(data, str) else data
-        with _deadline(self.timeout, "the server did not take the message"):
-            http = self._request("POST", self._session_target(self.transport, gc_seq=str(seq)), self._headers(("Content-Type", content_type)), body)
-            http.read_head()
-            answer = http.read()
-            http.close()
-        if http.status == 410:  # the session is closed; its close frame is on the way
+        target = self._session_target(self.transport, gc_seq=str(seq))
+        answer = self._exchange("POST", target, self._headers(("Content-Type", content_type)), body, self.timeout, "the answer to a message's POST")
+        if answer.status == 410:  # the session is closed; its close frame is on the way
             raise ChannelClosed(self.close_status)
-        if http.status != 200:
-            if 400 <= http.status < 500 and http.status not in (408, 409, 429):
+        if answer.status != 200:
+            if 400 <= answer.status < 500 and answer.status not in (408, 409, 429):
                 # Refused for good and not counted by the server: greenchan.js
                 # forgets it, and the next message takes its number.
                 self._unconfirmed = collections.deque((n - (n > seq), m) for n, m in self._unconfirmed if n != seq)
                 self._seq -= 1
-            raise Rejected(http.status, http.headers, answer)
-        confirmed = json.loads(answer)
+            raise Rejected(*answer)
+        confirmed = json.loads(answer.body)
         if confirmed.get("sid") == self._sid:
             self._confirm(int(confirmed.get("in", 0)))
 
@@ -702,11 +706,8 @@ class TestClient:
 
     def _post_ack(self, target: str) -> None:
         try:
-            with _deadline(self.timeout, "acknowledgement"):
-                http = self._request("POST", target, self._headers(("Content-Type", "text/plain")), b"")
-                http.read_head()
-                http.close()
-        except (OSError, TimeoutError, ValueError):
+            self._exchange("POST", target, self._headers(("Content-Type", "text/plain")), b"", self.timeout, "the answer to an acknowledgement")
+        except (OSError, EOFError, TimeoutError, ValueError):
             pass  # lost acknowledgements are sent again by the next one or the reconnect
 
     def _cancel_ack(self) -> None:
@@ -804,21 +805,19 @@ class TestClient:
         """One long-poll of a session; False once the session is over."""
         extra = {"gc_open": "1"} if opening else {}
         target = self._session_target("longpoll", **extra)
-        with _deadline(self.timeout if opening else None, "the opening poll was not answered"):
-            http = carrier.http = self._request("GET", target, self._headers(("Accept", "application/json"), token=True))
-            http.read_head()
-            body = http.read()
-            http.close()
+        headers = self._headers(("Accept", "application/json"), token=True)
+        # A waiting poll is answered within sessions.POLL_WAIT; a drop kills this greenlet.
+        status, self.headers, body = self._exchange("GET", target, headers, None, self.timeout if opening else None, "the answer to the opening poll")
         if carrier is not self._carrier:
             return False
-        self.status, self.headers = http.status, http.headers
-        if http.status >= 400 or (opening and http.status != 200):
-            error = Rejected(http.status, http.headers, body)
+        self.status = status
+        if status >= 400 or (opening and status != 200):
+            error = Rejected(status, self.headers, body)
             if opening:
                 raise error
             self._rejected(carrier, error)
             return False
-        if http.status != 200:  # the poll's channel ended without a frame (a 204): cut
+        if status != 200:  # the poll's channel ended without a frame (a 204): cut
             self._lost(carrier)
             return False
         answer = json.loads(body)
@@ -879,14 +878,10 @@ class TestClient:
     def _post_plain(self, data: Message) -> Response:
         content_type = "text/plain;charset=UTF-8" if isinstance(data, str) else "application/octet-stream"
         body = data.encode() if isinstance(data, str) else data
-        with _deadline(self.timeout, "the POST was not answered"):
-            http = self._request("POST", self._path, self._headers(("Content-Type", content_type)), body)
-            http.read_head()
-            answer = http.read()
-            http.close()
-        if http.status >= 400:
-            raise Rejected(http.status, http.headers, answer)
-        return Response(http.status, http.headers, answer)
+        answer = self._exchange("POST", self._path, self._headers(("Content-Type", content_type)), body, self.timeout, "the answer to a POST")
+        if answer.status >= 400:
+            raise Rejected(*answer)
+        return answer
 
 
 class _Carrier:

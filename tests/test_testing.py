@@ -294,6 +294,30 @@ def test_plain_long_poll_resumes_with_history(serve):
         assert client.last_event_id == store.history("news")[-1][0]
 
 
+def test_plain_sse_resumes_like_event_source(serve):
+    """A plain EventSource-style client: the ids of a group with history, and
+    Last-Event-ID on reconnect, so that what was sent meanwhile arrives."""
+    store = MemoryChannelStore(history=100)
+
+    @with_channel
+    def app(channel):
+        store.add_to_group("feed", channel, since=channel.last_event_id)
+        channel.send(Event("", event="open"))  # starts the stream
+
+    server = serve(app)
+    with TestClient(server, transport="sse", session=False) as client:
+        assert client.receive(timeout=5) == "" and client.last_event.event == "open"  # every event, named or not
+        store.broadcast("feed", "one")
+        assert client.receive(timeout=5) == "one"
+        assert client.last_event_id == store.history("feed")[-1][0]
+        client.drop()
+        wait_for(lambda: not store.members("feed"))
+        store.broadcast("feed", "two")
+        store.broadcast("feed", "three")
+        client.reconnect()
+        assert [client.receive(timeout=5) for _ in range(3)] == ["two", "three", ""]  # replayed as it joins
+
+
 def test_http_one_request():
     @with_channel
     def app(channel):
