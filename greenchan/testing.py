@@ -169,7 +169,7 @@ class TestClient:
         "_own_server", "_address", "_path", "_extra_headers", "_subprotocols", "_method", "_body",
         "_token", "_carrier", "_state", "_error", "_inferred", "_closing", "_channel",
         "_inbox", "_arrived", "_ready",
-        "_sid", "_recv", "_acked", "_ack_timer", "_helpers", "_seq", "_unconfirmed", "_next_id", "_ids",
+        "_sid", "_recv", "_acked", "_ack_timer", "_helpers", "_seq", "_unconfirmed", "_next_id", "_ids", "_sending",
     )
 
     def __init__(
@@ -242,6 +242,9 @@ class TestClient:
         self._ack_timer: Optional[gevent.Greenlet] = None
         self._helpers: "set[gevent.Greenlet]" = set()  # acknowledgement POSTs in flight
         self._seq = 0  # the number of the last message sent
+        # One numbered message at a time, as greenchan.js posts them: two POSTs
+        # racing from two greenlets could arrive out of order (409).
+        self._sending = gevent.lock.Semaphore()
         self._unconfirmed: Deque[Tuple[int, Message]] = collections.deque()
         self._next_id: Optional[list] = None  # the group and id of the next message
         self._ids: Dict[str, str] = {}  # per group, the last id received (gc_last)
@@ -271,9 +274,10 @@ class TestClient:
         if self._state is not _OPEN:
             raise ChannelClosed(self.close_status)
         if self.session:
-            self._seq += 1
-            self._unconfirmed.append((self._seq, data))
-            self._send_numbered(self._seq, data)
+            with self._sending:
+                self._seq += 1
+                self._unconfirmed.append((self._seq, data))
+                self._send_numbered(self._seq, data)
             return None
         if self.transport == "websocket":
             self._ws_send(data)

@@ -86,6 +86,24 @@ def test_many_messages_both_ways_are_acknowledged(serve, transport):
         assert client.hello["sid"] == client.channel._transport.sid
 
 
+@pytest.mark.parametrize("transport", SESSION_TRANSPORTS)
+def test_sends_from_several_greenlets_arrive_once_each(serve, transport):
+    import gevent
+
+    got = []
+
+    @with_channel
+    def app(channel):
+        channel.on_receive(got.append)
+
+    server = serve(app)
+    with TestClient(server, transport=transport) as client:
+        senders = [gevent.spawn(client.send, f"{g}.{i}") for g in range(4) for i in range(5)]
+        gevent.joinall(senders, timeout=10, raise_error=True)
+        wait_for(lambda: len(got) == 20)
+    assert sorted(got) == sorted(f"{g}.{i}" for g in range(4) for i in range(5))
+
+
 def test_one_session_across_transports_and_drops(serve):
     """What test_sessions.py spells out with raw requests, in a few lines."""
     echo = Echo()
