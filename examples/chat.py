@@ -26,10 +26,10 @@ import time
 from typing import Any
 
 try:
-    from greenchan import MemoryChannelStore, Server, with_channel
+    from greenchan import ChannelClosed, MemoryChannelStore, Server, with_channel
 except ImportError:  # run from a checkout without installing: python examples/chat.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from greenchan import MemoryChannelStore, Server, with_channel
+    from greenchan import ChannelClosed, MemoryChannelStore, Server, with_channel
 from urllib.parse import parse_qs
 
 import greenchan.static
@@ -79,7 +79,7 @@ class Chat:
             # its body is one message; it does not stay in the room.
             try:
                 self.say(room, user, channel.receive(timeout=0))
-            except TimeoutError:
+            except (TimeoutError, ChannelClosed):
                 pass  # a GET: nothing to say
             channel.close()
             return
