@@ -20,6 +20,7 @@ import collections
 import enum
 import logging
 import re
+import time
 from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Union
 from urllib.parse import parse_qs
 
@@ -27,11 +28,19 @@ import gevent
 from gevent.hub import Waiter, get_hub, getcurrent
 from gevent.timeout import Timeout
 
+from . import counters
 from .wire import header_items
 
 __all__ = ["Channel", "ChannelClosed", "CloseStatus", "Event", "Message"]
 
 log = logging.getLogger("greenchan.channel")
+
+# One line per closed channel; silent until the application gives it a handler
+# (it does not propagate, so an application's root logging stays as it was).
+_access = logging.getLogger("greenchan.access")
+_access.propagate = False
+if _access.level == logging.NOTSET:
+    _access.setLevel(logging.INFO)  # a handler is all it takes to turn it on
 
 Message = Union[str, bytes]
 
@@ -159,6 +168,21 @@ def _text(message: Any) -> str:
     return bytes(message).decode("utf-8", "replace")
 
 
+def _size(data: Any) -> int:
+    """The payload size of an ``Event`` or a response dict (for the counters)."""
+    if isinstance(data, Event):
+        return len(data.data)
+    if isinstance(data, dict):
+        body = data.get("body")
+        return 0 if body is None else len(body)
+    return len(data)
+
+
+def _quote(text: str) -> str:
+    """A path for a key=value line: no spaces or quotes to split on."""
+    return text.replace("%", "%25").replace(" ", "%20").replace('"', "%22") or "/"
+
+
 def run_handler(channel: "Channel", handler: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     """Call the application's handler; an exception is logged and closes the
     channel (500 before a response or handshake, 1011 after), as API.md says."""
@@ -235,6 +259,13 @@ class Channel:
         "_recent",
         "_pinging",
         "_on_close_pending",
+        # What this channel carried, for metrics and the access log (counters.py).
+        "_traffic",
+        "_opened_at",
+        "_n_in",
+        "_b_in",
+        "_n_out",
+        "_b_out",
         "__weakref__",
     )
 
@@ -264,6 +295,15 @@ class Channel:
         self._recent = False  # a message arrived since the last idle check
         self._pinging = False  # an on_ping call is running
         self._on_close_pending = False
+        self._opened_at = time.monotonic()
+        self._n_in = self._b_in = self._n_out = self._b_out = 0
+        if getattr(transport, "counted", True):
+            kind = "websocket" if is_websocket else "sse" if "text/event-stream" in environ.get("HTTP_ACCEPT", "") else "longpoll"
+            traffic = self._traffic = counters.traffic[kind]
+            traffic.opened += 1
+            traffic.open += 1
+        else:  # a session: its carriers are the connections, counted as channels
+            self._traffic = counters.Traffic()
         environ["greenchan.channel"] = self
 
     # -- public API --------------------------------------------------------
@@ -283,7 +323,20 @@ class Channel:
         check_message(data)
         if self._state is CLOSED:
             return False
-        return self._transport.send(data, close, wait)
+        # Counted before it goes: a long-poll's send completes (and logs) the channel.
+        size = len(data) if isinstance(data, (str, bytes)) else _size(data)
+        self._n_out += 1
+        self._b_out += size
+        traffic = self._traffic
+        traffic.messages_out += 1
+        traffic.bytes_out += size
+        if self._transport.send(data, close, wait):
+            return True
+        self._n_out -= 1
+        self._b_out -= size
+        traffic.messages_out -= 1
+        traffic.bytes_out -= size
+        return False
 
     def close(self, code: int = 1000, reason: str = "") -> bool:
         """Close the channel; True if this call closed it, False if already closed."""
@@ -475,6 +528,11 @@ class Channel:
             queue = self._queue = collections.deque()
         queue.append(message)
         self._recent = True
+        self._n_in += 1
+        self._b_in += len(message)
+        traffic = self._traffic
+        traffic.messages_in += 1
+        traffic.bytes_in += len(message)
         if self._waiter is not None:
             _wake(self._waiter)
         elif self._parked is not None:
@@ -506,6 +564,11 @@ class Channel:
         self.close_status = status
         self.close_code = code
         self.close_reason = reason if code is not None else None
+        self._traffic.open -= 1
+        key = (self.transport, status.value)
+        counters.closed[key] = counters.closed.get(key, 0) + 1
+        if _access.handlers:
+            self._log_access()
         hooks, self._close_hooks = self._close_hooks, None
         for hook in hooks or ():
             self._call(hook, self)
@@ -522,6 +585,28 @@ class Channel:
             else:  # nothing to call; one registered later runs at once
                 self._on_close_pending = False
         return True
+
+    def _set_kind(self, kind: str) -> None:
+        """The transport changed (a long-poll became a stream): move the open gauge."""
+        old, new = self._traffic, counters.traffic[kind]
+        if new is old or self._state is CLOSED or old not in counters.traffic.values():
+            return  # unchanged, over, or a session (not counted)
+        old.open -= 1
+        new.open += 1
+        self._traffic = new
+
+    def _log_access(self) -> None:
+        """One key=value line per closed channel, for log shippers (``greenchan.access``)."""
+        env = self.environ
+        _access.info(
+            "transport=%s method=%s path=%s peer=%s:%s duration=%.3f messages_in=%d bytes_in=%d "
+            "messages_out=%d bytes_out=%d status=%s code=%s session=%s",
+            self.transport, env.get("REQUEST_METHOD"), _quote(env.get("PATH_INFO", "")),
+            env.get("REMOTE_ADDR", "-"), env.get("REMOTE_PORT", "-"),
+            time.monotonic() - self._opened_at, self._n_in, self._b_in, self._n_out, self._b_out,
+            self.close_status, self.close_code if self.close_code is not None else "-",
+            (self.session or "-")[:8],
+        )
 
     def _unpark(self) -> None:
         waiter, self._parked = self._parked, None

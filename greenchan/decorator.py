@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from gevent.timeout import Timeout
 
+from . import counters
 from .channel import Channel, run_handler
 from .http import HttpTransport, body_message, has_body, read_body
 from .options import ROUTE_OPTIONS
@@ -105,9 +106,11 @@ def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, 
                 with Timeout(options.handshake_timeout, _BodyTimeout):
                     body = read_body(environ, options.max_body)
             except _BodyTimeout:
+                counters.reject("handshake_timeout")
                 log.debug("request body not received within %s s: 408", options.handshake_timeout)
                 return _respond(environ, 408, "Request body not received in time\n")
         if body is None:
+            counters.reject("max_body")
             return _respond(environ, 413, "Request body too large\n")
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))

@@ -146,6 +146,7 @@ class HttpTransport:
             return ok
         # A stream: tell proxies (nginx) not to buffer it.
         self._sse = any(k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in headers)
+        self.channel._set_kind("sse" if self._sse else "stream")
         headers.append(("X-Accel-Buffering", "no"))
         if self.handler.environ.get("SERVER_PROTOCOL") == "HTTP/1.1":
             self._chunked = True

@@ -18,6 +18,8 @@ import logging
 from typing import List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
+from . import counters
+
 __all__ = ["origin_allowed", "check_origin", "cors_headers", "CORS_KEY"]
 
 log = logging.getLogger("greenchan.origin")
@@ -123,6 +125,7 @@ def check_origin(environ: dict, origins: Optional[Sequence[str]]) -> Optional[Tu
             environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
             environ.get("HTTP_ORIGIN"), environ.get("HTTP_SEC_FETCH_SITE"),
         )
+        counters.reject("origin")
         return 403, []
     if is_preflight(environ):
         headers = preflight_headers(environ, origins)

@@ -23,6 +23,7 @@ from gevent.event import Event as _Flag
 from gevent.pool import Pool
 from gevent.timeout import Timeout
 
+from . import counters
 from .options import Options
 from .request import MAX_EMPTY_LINES, BadRequest, Body, parse_headers, parse_request_line
 
@@ -129,6 +130,7 @@ class Handler(pywsgi.WSGIHandler):
             self._serve()
             graceful = True
         except _HeaderDeadline:
+            counters.reject("handshake_timeout")
             log.debug("closing %s: request headers not received in time", self.client_address)
         finally:
             self._cancel_deadline()
@@ -229,9 +231,11 @@ class Handler(pywsgi.WSGIHandler):
     def _handle_client_error(self, ex: Exception) -> tuple:
         """A malformed request is the client's problem: answer it, log below ERROR."""
         if isinstance(ex, _HeadersTooLarge):
+            counters.reject("header_size")
             log.info("431 to %s: %s", self.client_address, ex)
             return ("431", _ERRORS[431])
         status = ex.status if isinstance(ex, BadRequest) else 400
+        counters.reject("bad_request")
         log.debug("%d to %s: %s", status, self.client_address, ex)
         return (str(status), _ERRORS[status])
 
@@ -578,6 +582,7 @@ class Server:
         self._wsgi = wsgi
         self._stopped.clear()
         self.status = "running"
+        counters.stopping = False
         log.info("greenchan serving on http://%s:%d/", self.host, self.port)
         return self
 
@@ -626,6 +631,7 @@ class Server:
         what is left. ``tick()`` runs about once a second while waiting (gunicorn's
         worker must keep telling its master that it is alive).
         """
+        counters.stopping = True  # the health check answers 503 from now on
         # Sessions before their carriers: a session acknowledges what its client sent
         # before it ends the client's WebSocket (sessions.py, Session.shutdown).
         for channel in sorted(self._channels, key=lambda c: c.session is None):
@@ -673,6 +679,7 @@ class Server:
     def _admit(self) -> bool:
         limit = self.options.max_connections
         if limit is not None and self._connections >= limit:
+            counters.reject("max_connections")
             log.warning("max_connections (%d) reached: answering 503", limit)
             return False
         self._connections += 1

@@ -315,7 +315,7 @@ def test_concurrent_waiting_sends_reach_a_reading_client_whole(serve, transport)
         gevent.joinall([gevent.spawn(sender, t) for t in (b"a", b"b", b"c", b"d", b"e", b"f", b"g", b"h")], raise_error=True)
         channel.close()
 
-    server = serve(app, send_buffer=1 << 20, send_timeout=2)
+    server = serve(app, send_buffer=1 << 20, send_timeout=10)
     total = 8 * 20 * 300_000
     if transport == "websocket":
         client = ws(server)

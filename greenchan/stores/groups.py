@@ -8,8 +8,10 @@ group with no members is forgotten, so nothing is left behind.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Dict, Optional, Protocol, Set, runtime_checkable
 
+from .. import counters
 from ..channel import Channel
 from .history import send_tagged
 
@@ -121,6 +123,7 @@ class _Groups:
         members = self._groups.get(group)
         if not members:
             return 0
+        started = time.perf_counter()
         render = self.render
         sent = 0
         # A snapshot: a send can close a member (long-polling) and so change the group.
@@ -136,6 +139,7 @@ class _Groups:
                     sent += 1
             except Exception:
                 log.exception("broadcast to %r in group %r failed", channel, group)
+        counters.broadcast(type(self).__name__, time.perf_counter() - started)
         return sent
 
     def _deliver_tagged(self, group: str, data: Any, msg_id: str) -> int:
@@ -143,6 +147,7 @@ class _Groups:
         members = self._groups.get(group)
         if not members:
             return 0
+        started = time.perf_counter()
         render = self.render
         sent = 0
         for channel, attachment in list(members.items()):
@@ -152,5 +157,6 @@ class _Groups:
                     sent += 1
             except Exception:
                 log.exception("broadcast to %r in group %r failed", channel, group)
+        counters.broadcast(type(self).__name__, time.perf_counter() - started)
         return sent
 
