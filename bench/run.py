@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness import (BENCH, BenchError, Redis, Server, ServerGroup, check_node, run_client, use_bench_venv,
+from harness import (BENCH, NICE, BenchError, Redis, Server, ServerGroup, check_node, run_client, use_bench_venv,
                      versions, wait_quiet)
 
 
@@ -382,7 +382,11 @@ def markdown(results: dict, o, info: dict) -> str:
     out.append(f"Run {info['date']} with `{info['command']}` "
                f"({'quick' if o.quick else 'full'} mode, {info['seconds']:.0f} s in all). "
                "Each server on core 0, the Node `ws` client on core 1, one fresh server per "
-               "figure. Absolute figures on a shared 2-core machine are noise: read the ratios.")
+               "figure. Absolute figures on a shared 2-core machine are noise: read the ratios."
+               + (f" Servers, client and Redis ran at nice {o.nice}, ahead of the other work on the "
+                  "machine." if getattr(o, "nice", None) is not None else "")
+               + (f" Each figure is the median of {o.median} rounds, every server once per round."
+                  if getattr(o, "median", 1) > 1 else ""))
     out.append("")
     out.append("## Figures")
     out.append("")
@@ -604,6 +608,8 @@ def main(argv=None) -> int:
                     help="seconds to wait before each run for other work on the machine to stop")
     ap.add_argument("--ws-lib", action="store_true",
                     help="drive WebSocket echo with the ws library instead of the lean raw-frame client")
+    ap.add_argument("--nice", type=int, help="run servers, client and Redis at this nice value "
+                    "(negative: ahead of other work on a busy machine; needs root)")
     ap.add_argument("--out", default=str(BENCH), help="where results.md and results.json go")
     ap.add_argument("--list", action="store_true", help="list workloads and servers, then exit")
     ap.add_argument("--merge", action="store_true",
@@ -627,6 +633,7 @@ def main(argv=None) -> int:
             print(f"server   {p.name:18s} servers/{p.script}")
         return 0
     check_node()
+    NICE[0] = o.nice
     o.workloads = o.workloads or [w.name for w in WORKLOADS]
     o.servers = o.servers or [p.name for p in SERVERS if p.default]
     o.workloads = [x for n in o.workloads for x in GROUPS.get(n, [n])]
