@@ -156,34 +156,31 @@ def tune_gc(spec: str) -> None:
 
 
 def patch_deliver() -> None:
-    """BENCH_PATCH=deliver: an experiment, the broadcast loop of greenchan's stores
-    without the per-member (channel, attachment) tuples of `list(members.items())`.
+    """BENCH_PATCH=deliver: an experiment, the broadcast loops of greenchan's stores
+    iterating `zip(list(members), list(members.values()))` instead of
+    `list(members.items())`.
 
-    Those 1,000s of tuples live for the whole loop, so the young collections during it
-    promote them, and the collector counts them towards its next full collection (of
-    every object of every connection) even though they die at the end of the loop.
+    The items list holds a (channel, attachment) tuple per member for the whole loop:
+    thousands of tracked objects, so the young collections during the loop promote
+    them, and the collector counts them towards its next full collection (of every
+    object of every connection) though they die at the end of the loop. zip reuses
+    its one result tuple once the loop has unpacked it: two lists, nothing per member.
     """
-    from greenchan.stores import groups
+    import inspect
+    import textwrap
 
-    original = groups._Groups._deliver
-    log = groups.log
+    from greenchan.stores import groups as module
 
-    def _deliver(self, group, data, fn=None):
-        if fn is not None or self.render is not None:
-            return original(self, group, data, fn)
-        members = self._groups.get(group)
-        if not members:
-            return 0
-        sent = 0
-        for channel in list(members):   # one list, no tuple per member
-            try:
-                if channel.send(data, wait=False):
-                    sent += 1
-            except Exception:
-                log.exception("broadcast to %r in group %r failed", channel, group)
-        return sent
-
-    groups._Groups._deliver = _deliver
+    for name in ("_deliver", "_deliver_tagged"):
+        fn = getattr(module._Groups, name, None)
+        if fn is None:
+            continue
+        src = textwrap.dedent(inspect.getsource(fn))
+        assert "list(members.items())" in src, f"_Groups.{name} changed: the experiment is stale"
+        src = src.replace("list(members.items())", "zip(list(members), list(members.values()))")
+        scope: dict = {}
+        exec(compile(src, module.__file__, "exec"), module.__dict__, scope)
+        setattr(module._Groups, name, scope[name])
 
 
 def patch_park() -> None:
