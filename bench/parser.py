@@ -422,7 +422,7 @@ def micro_bench() -> dict:
         pass
     out = {}
     for name, fn in funcs.items():
-        out[name] = [min(timeit.repeat(lambda r=raw: fn(r), number=2000, repeat=5)) / 2000 * 1e6 for raw in (GET, POST)]
+        out[name] = [min(timeit.repeat(lambda r=raw, f=fn: f(r), number=2000, repeat=5)) / 2000 * 1e6 for raw in (GET, POST)]
     return out
 
 

@@ -1,5 +1,4 @@
 """Server life cycle: start, port, status, stop with 1001, signals, limits."""
-import os
 import signal
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import websocket
 
 from conftest import wait_for
 from greenchan import CloseStatus, Event, Server, run_server, with_channel
-from wsraw import frame, handshake, read_close
+from wsraw import handshake, read_close
 
 
 def test_start_port_status_and_context_manager():
