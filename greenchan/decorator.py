@@ -13,7 +13,7 @@ from . import counters
 from .channel import Channel, run_handler
 from .http import HttpTransport, body_message, has_body, read_body
 from .options import ROUTE_OPTIONS
-from .server import HANDLER_KEY, RESPONDED_KEY, SERVER_KEY
+from .server import HANDLER_KEY, RESPONDED_KEY, SERVER_KEY, answer_and_close
 from .origin import check_origin
 from .sessions import serve as serve_session, session_params
 from .websocket import WebSocketTransport, wants_upgrade
@@ -138,13 +138,8 @@ def _serve(environ: dict, start_response: Optional[Callable], handler: Handler, 
 
 def _respond(environ: dict, status: int, body: Any, headers: Optional[list] = None) -> Iterable[bytes]:
     """Answer a plain response before any channel exists (403, 400, 413)."""
-    pywsgi_handler = environ[HANDLER_KEY]
-    environ[RESPONDED_KEY] = "close"
     headers = [(k, v) for k, v in (headers or []) if k.lower() not in ("content-length", "connection")]
-    try:
-        pywsgi_handler.socket.sendall(http_response(status, headers, body, close=True))
-    except OSError:
-        pass
+    answer_and_close(environ, http_response(status, headers, body, close=True))
     return []
 
 
