@@ -26,8 +26,10 @@ clients can share one server (group broadcasts).
 the client speaks greenchan.js's session wire (docs/sessions.md): a ``gc_cid``,
 the hello, frame counting and acknowledgements, numbered POSTs. So the handler
 runs once for the client, and ``send`` / ``receive`` behave the same over every
-transport; ``reconnect()`` drops the connection and resumes the session, on the
-same or another transport.
+transport. ``drop()`` cuts the connection as a network failure would and
+``reconnect()`` resumes the session, on the same or another transport. A message
+the server refuses (a POST answered 413, a WebSocket closed with 1009) is
+dropped and the next ones take its number, as greenchan.js does.
 
 **Plain mode** (``session=False``, and always for ``transport="http"``): what
 an http-kit style client does. A plain WebSocket; a plain SSE stream (one GET,
