@@ -441,6 +441,54 @@ def test_lost_subscriber_connection_is_caught_up_from_history(redis_server, serv
         other.close()
 
 
+def test_lost_subscriber_past_the_history_is_told_and_gets_what_is_kept(redis_server, servers, caplog, calls):  # noqa: F811
+    store = RedisChannelStore(redis_server.url, history=10, reconnect_min=0.3, reconnect_max=0.5)
+    other = RedisChannelStore(redis_server.url, history=10)
+    results: List[Tuple[str, bool]] = []
+    try:
+        server = servers(join_app(store, results))
+        client = ws(server.port, "/room")
+        wait_until(lambda: results)
+        redis_server.client().client_kill_filter(_type="pubsub")
+        wait_until(lambda: not store._up)
+        for i in range(400):  # far past what is kept (Redis trims whole nodes of 100)
+            other.broadcast("room", str(i))
+        kept = [int(m) for _, m in other.history("room")]
+        assert kept == list(range(390, 400))
+        first = int(client.recv())
+        assert 0 < first <= 390  # the oldest still kept, not what was trimmed
+        rest = [int(client.recv()) for _ in range(399 - first)]
+        assert [first] + rest == list(range(first, 400))  # what is kept, in order, once
+        wait_until(lambda: ("_resumed", ("room", False)) in calls)  # and told it did not resume
+        wait_until(lambda: any("could not be given everything" in rec.getMessage() for rec in caplog.records))
+        other.broadcast("room", "live")
+        assert client.recv() == "live"
+        client.close()
+    finally:
+        store.close()
+        other.close()
+
+
+def test_render_applies_to_replay_and_live(make_store, servers):
+    store = make_store(history=10, render=lambda channel, attachment, data: f"{attachment}:{data}")
+    ready: List[bool] = []
+
+    @with_channel
+    def app(channel):
+        ready.append(store.add_to_group("room", channel, attachment="ann", since=channel.last_event_id))
+
+    server = servers(app)
+    store.broadcast("room", "a")
+    store.broadcast("room", "b")
+    client = ws(server.port, "/?gc_last=" + quote(ids_of(store, "room")["a"]))
+    assert client.recv() == "ann:b"
+    wait_until(lambda: ready)
+    store.broadcast("room", "c")
+    assert client.recv() == "ann:c"
+    assert [m for _, m in store.history("room")] == ["a", "b", "c"]  # kept as broadcast
+    client.close()
+
+
 # -- exactly once, racing -------------------------------------------------------------
 
 

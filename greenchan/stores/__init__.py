@@ -48,6 +48,9 @@ The package, one idea per file:
     ``RedisChannelStore``
 ``codec.py``
     the bytes a message is while it crosses processes
+``history.py``
+    history and resuming: ids, kept messages, the exactly-once join (its
+    docstring is the design; docs/history.md is the user's side)
 """
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ from typing import Any, Callable, Dict, Optional, Protocol, Set, runtime_checkab
 
 from .. import counters
 from ..channel import Channel
-from .history import send_tagged
 
 log = logging.getLogger("greenchan.stores")
 
@@ -153,8 +152,11 @@ class _Groups:
         for channel, attachment in list(members.items()):
             try:
                 message = data if render is None else render(channel, attachment, data)
-                if message is not None and send_tagged(channel, message, group, msg_id):
-                    sent += 1
+                if message is not None:
+                    # history.send_tagged, inline: this loop runs once per member.
+                    tagged = getattr(channel, "_send_tagged", None)
+                    if tagged(message, group, msg_id) if tagged else channel.send(message, wait=False):
+                        sent += 1
             except Exception:
                 log.exception("broadcast to %r in group %r failed", channel, group)
         counters.broadcast(type(self).__name__, time.perf_counter() - started)

@@ -87,8 +87,9 @@ import functools
 import hashlib
 import itertools
 import logging
+import os
+import random
 import re
-import secrets
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -116,9 +117,17 @@ def group_tag(group: str) -> str:
     return hashlib.sha1(group.encode()).hexdigest()[:TAG_DIGITS]
 
 
+# Epochs come from a generator seeded from os.urandom, not from os.urandom itself:
+# one is drawn per Redis broadcast (used only if the group has lost its epoch), and
+# a system call per broadcast is not free. Reseeded in a forked child, so that two
+# workers never draw the same sequence.
+_epochs = random.Random()
+os.register_at_fork(after_in_child=_epochs.seed)
+
+
 def new_epoch() -> str:
     """A fresh epoch: 32 random bits, so a lost history's ids are never mistaken."""
-    return secrets.token_hex(4)
+    return f"{_epochs.getrandbits(32):08x}"
 
 
 def make_id(group: str, epoch: str, position: str) -> str:
@@ -235,10 +244,11 @@ class Cursor:
 class _Group:
     """One group's kept messages in this process."""
 
-    __slots__ = ("epoch", "seq", "entries", "touched")
+    __slots__ = ("epoch", "prefix", "seq", "entries", "touched")
 
-    def __init__(self, size: int, now: float) -> None:
+    def __init__(self, group: str, size: int, now: float) -> None:
         self.epoch = new_epoch()
+        self.prefix = make_id(group, self.epoch, "")  # an id is this and a number
         self.seq = 0  # the number of the newest message (0: none yet)
         # (number, time kept, data), oldest first; numbers are consecutive.
         self.entries: Deque[Tuple[int, float, Any]] = deque(maxlen=size)
@@ -270,26 +280,27 @@ class MemoryHistory:
         """``group``'s history, begun (a new epoch) if it has none."""
         kept = self._groups.get(group)
         if kept is None:
-            kept = self._groups[group] = _Group(self.size, self._clock())
+            kept = self._groups[group] = _Group(group, self.size, self._clock())
         return kept
 
     def append(self, group: str, data: Any) -> str:
-        """Keep ``data`` as ``group``'s next message; its id."""
-        now = self._clock()
-        kept = self.group(group)
-        kept.seq += 1
-        kept.entries.append((kept.seq, now, data))
-        kept.touched = now
-        if self.ttl is not None:
+        """Keep ``data`` as ``group``'s next message; its id. (On every broadcast: lean.)"""
+        kept = self._groups.get(group) or self.group(group)
+        seq = kept.seq = kept.seq + 1
+        if self.ttl is None:  # no clock needed: nothing expires
+            kept.entries.append((seq, 0.0, data))
+        else:
+            now = kept.touched = self._clock()
+            kept.entries.append((seq, now, data))
             self._appends += 1
             if self._appends % self.SWEEP_EVERY == 0:
                 self._sweep(now)
-        return make_id(group, kept.epoch, str(kept.seq))
+        return kept.prefix + str(seq)
 
     def position(self, group: str) -> str:
         """The id of ``group``'s newest message (``...:0`` when it has none yet)."""
         kept = self.group(group)
-        return make_id(group, kept.epoch, str(kept.seq))
+        return kept.prefix + str(kept.seq)
 
     def after(self, group: str, since: str) -> Optional[Kept]:
         """The kept messages after ``since``; None if ``since`` cannot be continued."""
@@ -321,7 +332,7 @@ class MemoryHistory:
         return self._ids(group, kept, kept.entries)
 
     def _ids(self, group: str, kept: _Group, entries: Any) -> Kept:
-        prefix = f"{group_tag(group)}:{kept.epoch}:"
+        prefix = kept.prefix
         return [(prefix + str(seq), data) for seq, _, data in entries]
 
     def _expire(self, kept: _Group) -> None:

@@ -1,6 +1,7 @@
 """``RedisChannelStore``: groups whose broadcasts reach every process sharing a Redis."""
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import os
@@ -37,6 +38,9 @@ from .history import (
 )
 
 log = logging.getLogger("greenchan.stores")
+
+# The SHA-1 that EVALSHA names each script by.
+_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (PUBLISH_LUA, READ_LUA)}
 
 # A password may also ride in the query string (redis-py reads ?password=).
 _QUERY_SECRET = re.compile(r"(?i)((?:^|&)password=)[^&]*")
@@ -175,10 +179,15 @@ class RedisChannelStore(_Groups):
         # group -> {channel: Cursor}: where each local member is in its group's
         # sequence (history on only), so that no message reaches it twice.
         self._cursors: Dict[str, Dict[Channel, Cursor]] = {}
+        # group -> the position of the newest live message read here. A member
+        # without a cursor of its own is in step: that is its position too.
+        self._live: Dict[str, Cursor] = {}
         # One catch-up after a reconnection at a time.
         self._catch_up_lock = gevent.lock.Semaphore()
-        self._publish_lua: Any = None
-        self._read_lua: Any = None
+        # group -> (stream, meta, pub/sub channel): the names a broadcast uses, made once.
+        self._keys: Dict[str, Tuple[bytes, bytes, bytes]] = {}
+        # What each broadcast passes the publish script, encoded once.
+        self._publish_args = [str(history).encode(), str(self._ttl_ms).encode(), str(self._retention_ms).encode()]
         # What logs and errors show; the real URL stays private.
         self.url = redact(url)
         self._url = url
@@ -253,9 +262,16 @@ class RedisChannelStore(_Groups):
             if not self.history_size:
                 return int(self._publisher.publish(self._key(group), payload))
             # One round trip: number, keep and publish in one script.
-            keys = self._history_keys(group)
-            args = [self._key(group), payload, self.history_size, self._ttl_ms, new_epoch(), self._retention_ms]
-            return int(self._publish_lua(keys=keys, args=args, client=self._publisher))
+            size, ttl, retention = self._publish_args
+            keys = self._keys.get(group)
+            if keys is None:
+                if len(self._keys) >= 4096:
+                    self._keys.clear()  # a bound, not an eviction policy: they are cheap to make
+                history_key, meta_key = self._history_keys(group)
+                keys = self._keys[group] = (history_key, meta_key, self._key(group))
+            stream, meta, channel = keys
+            args = (stream, meta, channel, payload, size, ttl, new_epoch(), retention)
+            return int(self._eval(PUBLISH_LUA, args))
         except exceptions.AuthenticationError as exc:
             raise exceptions.AuthenticationError(
                 f"PUBLISH to {self.url}: authentication failed ({self._scrub(exc)}); "
@@ -304,7 +320,11 @@ class RedisChannelStore(_Groups):
         if not self._join(group, channel, attachment):
             self._forget_cursor(group, channel)
             return False
-        recovered = self._resume(group, channel, attachment, cursor, since)
+        try:
+            recovered = self._resume(group, channel, attachment, cursor, since)
+        finally:  # whatever happened, a member never stays buffering (it would hear nothing)
+            if cursor.buffer is not None and self._cursors.get(group, {}).get(channel) is cursor:
+                self._flush(group, channel, attachment, cursor)
         if since is not None:
             _observe_resume(recovered)
             if channel.is_open:
@@ -351,12 +371,26 @@ class RedisChannelStore(_Groups):
         self._memberships.clear()
         self._groups.clear()
         self._cursors.clear()
+        self._live.clear()
         for flag in self._confirm.values():
             flag.set()
         self._confirm.clear()
         self._up = False
 
     # -- history: the exactly-once join (see history.py) -----------------------------
+
+    def _eval(self, script: str, keys_and_args: Tuple[Any, ...]) -> Any:
+        """Run one of history.py's scripts (two keys each): EVALSHA, one round trip.
+
+        The script is loaded on first use, and again after Redis lost it (a
+        restart). redis-py's Script object costs more per call than the call.
+        """
+        sha = _SHAS[script]
+        try:
+            return self._publisher.execute_command("EVALSHA", sha, 2, *keys_and_args)
+        except self._redis.exceptions.NoScriptError:
+            self._publisher.execute_command("SCRIPT LOAD", script)
+            return self._publisher.execute_command("EVALSHA", sha, 2, *keys_and_args)
 
     def _history_keys(self, group: str) -> List[bytes]:
         """The group's stream and meta hash; the group in braces, one hash slot (Cluster)."""
@@ -380,7 +414,7 @@ class RedisChannelStore(_Groups):
         if not candidates:
             newest = self.history_size if latest and since is None else 0
             args = [token, self._retention_ms, "", "", newest, 0]
-            reply = self._read_lua(keys=keys, args=args, client=self._publisher)
+            reply = self._eval(READ_LUA, (*keys, *args))
             if not reply:
                 return None, None
             snap = Snapshot(reply, newest_first=True)
@@ -388,7 +422,7 @@ class RedisChannelStore(_Groups):
         for i, (epoch, position) in enumerate(candidates):
             # One more than asked: XRANGE starts at since itself when it is kept.
             args = [token, self._retention_ms, epoch, position, 0, count + 1 if count else 0]
-            reply = self._read_lua(keys=keys, args=args, client=self._publisher)
+            reply = self._eval(READ_LUA, (*keys, *args))
             if not reply:
                 return None, None
             snap = Snapshot(reply)
@@ -430,6 +464,7 @@ class RedisChannelStore(_Groups):
         self._flush(group, channel, attachment, cursor)
         if channel.is_open:
             tell_position(channel, group, make_id(group, snap.epoch if cursor.epoch is None else cursor.epoch, cursor.sid))
+        self._settle(group, channel, cursor)
         return recovered
 
     def _replay_pages(
@@ -487,37 +522,56 @@ class RedisChannelStore(_Groups):
     def _leave(self, group: str, channel: Channel) -> None:
         self._forget_cursor(group, channel)
         super()._leave(group, channel)
+        if group not in self._groups:
+            self._live.pop(group, None)
 
     def _deliver_live(self, group: str, epoch: str, sid: str, seq: int, ms: int, data: Any) -> int:
-        """A message of a group with history, from the subscription: once per member."""
+        """A message of a group with history, from the subscription: once per member.
+
+        Members in step with the group (the common case) need no check: the
+        message is the next one for each. Only members with a cursor of their
+        own (joining, catching up, or ahead of what this reader has read) are
+        checked, and each leaves that state at its first new live message.
+        """
         members = self._groups.get(group)
         if not members:
             return 0
-        cursors = self._cursors.get(group, {})
+        live = self._live.get(group)
+        if live is None:
+            live = self._live[group] = Cursor()
+            live.buffer = None
+        live.moved(epoch, sid, seq, ms)
+        cursors = self._cursors.get(group)
         render = self.render
         msg_id = make_id(group, epoch, sid)
         sent = 0
         for channel, attachment in list(members.items()):
-            cursor = cursors.get(channel)
-            if cursor is not None:
-                if cursor.buffer is not None:  # joining: after its replay
-                    cursor.buffer.append((epoch, sid, seq, ms, data))
-                    continue
-                if epoch == cursor.epoch:  # the common case, inline
-                    if seq <= cursor.seq:
+            if cursors:
+                cursor = cursors.get(channel)
+                if cursor is not None:
+                    if cursor.buffer is not None:  # joining: after its replay
+                        cursor.buffer.append((epoch, sid, seq, ms, data))
+                        continue
+                    if not cursor.wants(epoch, seq, ms):
                         continue  # already in its replay
-                    cursor.seq, cursor.ms, cursor.sid = seq, ms, sid
-                elif cursor.wants(epoch, seq, ms):
-                    cursor.moved(epoch, sid, seq, ms)
-                else:
-                    continue
+                    del cursors[channel]  # in step with the group from now on
             try:
                 message = data if render is None else render(channel, attachment, data)
-                if message is not None and send_tagged(channel, message, group, msg_id):
-                    sent += 1
+                if message is not None:
+                    tagged = getattr(channel, "_send_tagged", None)
+                    if tagged(message, group, msg_id) if tagged else channel.send(message, wait=False):
+                        sent += 1
             except Exception:
                 log.exception("broadcast to %r in group %r failed", channel, group)
+        if cursors is not None and not cursors:
+            del self._cursors[group]
         return sent
+
+    def _settle(self, group: str, channel: Channel, cursor: Cursor) -> None:
+        """A live member whose position is the group's, as read here: in step, no cursor."""
+        live = self._live.get(group)
+        if live is not None and live.epoch == cursor.epoch and live.seq == cursor.seq:
+            self._forget_cursor(group, channel)
 
     def _catch_up(self) -> None:
         """After a reconnection: give every member what was published while we were away.
@@ -525,57 +579,78 @@ class RedisChannelStore(_Groups):
         The same steps as a join, for all members of each group at once: their
         cursors buffer, one snapshot per group, a replay after each member's own
         position, the buffer, live. Members whose messages are gone (trimmed,
-        expired, or Redis lost the epoch) are told (``_resumed(group, False)``)
-        and reported in a WARNING.
+        expired, or Redis lost the epoch) get what is kept, are told
+        (``_resumed(group, False)``) and are counted in a WARNING.
         """
         with self._catch_up_lock:
             lost: Dict[str, int] = {}
-            for group in list(self._cursors):
-                members = self._groups.get(group, {})
-                cursors = [(ch, c) for ch, c in self._cursors.get(group, {}).items() if c.buffer is None]
-                for _, cursor in cursors:
-                    cursor.buffer = []
-                snap: Optional[Snapshot] = None
-                entries: Iterable[Entry] = ()
+            for group in list(self._groups):
                 try:
-                    behind = [c for _, c in cursors if c.epoch is not None]
-                    if behind:
-                        oldest = min(behind, key=lambda c: c.seq)
-                        since = make_id(group, oldest.epoch or "", f"{oldest.ms}-{oldest.seq}")
-                        snap, _ = self._snapshot(group, since, create=True)
-                        if snap is not None and snap.epoch == oldest.epoch:
-                            entries = snap.kept(self._ttl_ms)
-                except (self._redis.exceptions.RedisError, OSError) as exc:
-                    log.debug("catching up group %r failed: %s", group, self._scrub(exc))
-                # No yield from here to the end of the group.
-                for channel, cursor in cursors:
-                    if self._cursors.get(group, {}).get(channel) is not cursor:
-                        continue  # it left meanwhile
-                    attachment = members.get(channel)
-                    if snap is not None and cursor.epoch is not None:
-                        if cursor.epoch != snap.epoch:
-                            # Redis lost the group's history: what was published
-                            # before we resubscribed is gone; what came after is
-                            # in the buffer (the cursor follows the new epoch).
-                            lost[group] = lost.get(group, 0) + 1
-                            tell_resumed(channel, group, False)
-                        elif cursor.seq < snap.last_seq:
-                            missed = [e for e in entries if e.seq > cursor.seq]
-                            if not missed or missed[0].seq != cursor.seq + 1:
-                                lost[group] = lost.get(group, 0) + 1
-                                tell_resumed(channel, group, False)
-                            # What is kept, even after a gap: the newest is what matters.
-                            replay_to(self.render, group, channel, attachment,
-                                      self._with_ids(group, snap.epoch, missed))
-                            cursor.moved(snap.epoch, snap.last_sid, snap.last_seq, snap.now_ms)
-                    self._flush(group, channel, attachment, cursor)
+                    self._catch_up_group(group, lost)
+                except Exception:
+                    log.exception("catching up group %r after a reconnection failed", group)
             if lost:
                 log.warning(
                     "after reconnecting to Redis at %s, %d member(s) of %d group(s) could not be "
-                    "given what was published while the subscriber was disconnected (no longer "
+                    "given everything published while the subscriber was disconnected (no longer "
                     "in the history): they go on live, and were told they did not resume (%s)",
                     self.url, sum(lost.values()), len(lost), ", ".join(sorted(lost)[:10]),
                 )
+
+    def _catch_up_group(self, group: str, lost: Dict[str, int]) -> None:
+        """One group's catch-up: buffer, one snapshot, each member from its own position."""
+        members = self._groups.get(group, {})
+        own = self._cursors.setdefault(group, {})
+        live = self._live.get(group)
+        if live is not None:  # members in step get a cursor at the group's position
+            # (no yield between here and the buffers below: the reader cannot move them)
+            for channel in members:
+                if channel not in own:
+                    cursor = own[channel] = Cursor()
+                    cursor.moved(live.epoch or "", live.sid, live.seq, live.ms)
+                    cursor.buffer = None
+        # Members still joining are left to their join, which buffers already.
+        cursors = [(ch, c) for ch, c in own.items() if c.buffer is None]
+        for _, cursor in cursors:
+            cursor.buffer = []
+        try:
+            snap: Optional[Snapshot] = None
+            entries: Iterable[Entry] = ()
+            behind = [c for _, c in cursors if c.epoch is not None]
+            if behind:
+                oldest = min(behind, key=lambda c: c.seq)
+                since = make_id(group, oldest.epoch or "", oldest.sid or "0-0")
+                try:
+                    snap, _ = self._snapshot(group, since, create=True)
+                except (self._redis.exceptions.RedisError, OSError) as exc:
+                    log.debug("catching up group %r failed: %s", group, self._scrub(exc))
+                if snap is not None and snap.epoch == oldest.epoch:
+                    entries = list(snap.kept(self._ttl_ms))
+            # No yield from here to the end of the group.
+            for channel, cursor in cursors:
+                if self._cursors.get(group, {}).get(channel) is not cursor or snap is None:
+                    continue  # it left meanwhile; or Redis is gone again (the next catch-up)
+                if cursor.epoch is None:
+                    continue
+                if cursor.epoch != snap.epoch:
+                    # Redis lost the group's history: what was published before we
+                    # resubscribed is gone; what came after is in the buffer.
+                    lost[group] = lost.get(group, 0) + 1
+                    tell_resumed(channel, group, False)
+                elif cursor.seq < snap.last_seq:
+                    missed = [e for e in entries if e.seq > cursor.seq]
+                    if not missed or missed[0].seq != cursor.seq + 1:
+                        lost[group] = lost.get(group, 0) + 1
+                        tell_resumed(channel, group, False)
+                    # What is kept, even after a gap: the newest is what matters.
+                    replay_to(self.render, group, channel, members.get(channel),
+                              self._with_ids(group, snap.epoch, missed))
+                    cursor.moved(snap.epoch, snap.last_sid, snap.last_seq, snap.now_ms)
+        finally:  # whatever happened, no member stays buffering (it would hear nothing)
+            for channel, cursor in cursors:
+                if cursor.buffer is not None and self._cursors.get(group, {}).get(channel) is cursor:
+                    self._flush(group, channel, members.get(channel), cursor)
+                    self._settle(group, channel, cursor)
 
     # -- subscriptions -------------------------------------------------------------
 
@@ -701,9 +776,6 @@ class RedisChannelStore(_Groups):
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
             client_name=f"greenchan-pub-{pid}",
         )
-        # EVALSHA, loaded on first use (and again after Redis lost its scripts).
-        self._publish_lua = self._publisher.register_script(PUBLISH_LUA)
-        self._read_lua = self._publisher.register_script(READ_LUA)
         self._reader = gevent.spawn(self._run)
 
     def _connect(self) -> Any:
@@ -848,7 +920,7 @@ class RedisChannelStore(_Groups):
         # Groups that came or went while the bulk SUBSCRIBE was on its way.
         for group in set(self._groups) ^ self._subscribed:
             self._sync(group)
-        if self.history_size and self._cursors and reconnected:
+        if self.history_size and self._groups and reconnected:
             gevent.spawn(self._catch_up)
 
     def _on_message(self, key: bytes, payload: bytes) -> None:
