@@ -180,3 +180,129 @@ def test_origin_pin_covers_browser_gets_without_origin(serve, site):
     rec.channels[0].send("for the owner")
     poll.join(5)
     assert waiting[0].json()["f"] == ["for the owner"]
+
+
+# ------------------------------------------------- guards (held up under attack)
+
+
+@pytest.mark.parametrize("bogus", ['{"ack": -1}', '{"ack": 1e30}', '{"ack": "x"}', "not json", "", "[1]",
+                                   '{"ack": 99999}', '{"ack": true}'])
+def test_forged_websocket_control_frames_are_harmless(serve, bogus):
+    rec = Recorder()
+    server = serve(rec.app(), session_grace=30)
+    client = cid()
+    ws = websocket.create_connection(ws_url(server, client), timeout=5)
+    sid = control(ws.recv())["hello"]["sid"]
+    assert ws.recv() == "welcome"
+    ws.send("\x00" + bogus)
+    ws.send("m")
+    assert ws.recv() == "1:m"
+    ws.sock.close()
+    wait_for(lambda: server.sessions[client]._carrier is None)
+    rec.channels[0].send("while away")
+    # the client acknowledged only "welcome": everything after it comes again, once
+    ws = websocket.create_connection(ws_url(server, client, gc_sid=sid, gc_ack=1, gc_next=2), timeout=5)
+    assert control(ws.recv())["hello"] == {"sid": sid, "new": False, "in": 1}
+    assert [ws.recv(), ws.recv()] == ["1:m", "while away"]
+    ws.close()
+    wait_for(lambda: rec.closed)
+    assert rec.started == [client] and rec.closed == [CloseStatus.NORMAL] and rec.got == ["m"]
+
+
+def test_forged_acks_on_polls_are_clamped(serve):
+    rec = Recorder()
+    server = serve(rec.app())
+    client = cid()
+    sid = open_poll(server, client)["hello"]["sid"]
+    for ack in ("-1", "abc", "1e30"):  # ignored: "welcome" comes again
+        poll = requests.get(base(server), params=q(client, "longpoll", gc_sid=sid, gc_ack=ack, gc_open=1), timeout=5)
+        assert poll.json()["f"] == ["welcome"]
+    poll = requests.get(base(server), params=q(client, "longpoll", gc_sid=sid, gc_ack=10**30, gc_open=1), timeout=5)
+    assert (poll.json()["from"], poll.json()["f"]) == (1, [])  # beyond what was sent: everything
+    rec.channels[0].send("next")
+    poll = requests.get(base(server), params=q(client, "longpoll", gc_sid=sid, gc_ack=1, gc_open=1), timeout=5)
+    assert (poll.json()["from"], poll.json()["f"]) == (1, ["next"])
+
+
+def test_forged_post_numbers_deliver_nothing_twice(serve):
+    rec = Recorder()
+    server = serve(rec.app())
+    client = cid()
+    sid = open_poll(server, client)["hello"]["sid"]
+    text = {"Content-Type": "text/plain"}
+
+    def post(seq: Any, body: str) -> Any:
+        return requests.post(base(server), params=q(client, "longpoll", gc_seq=seq, gc_sid=sid),
+                             data=body, headers=text, timeout=5)
+
+    for seq in ("0", "-1", "abc", ""):
+        assert post(seq, "junk").json()["in"] == 0
+    assert post(2, "skips").status_code == 409
+    assert post(10**30, "far").status_code == 409
+    assert post(1, "one").json()["in"] == 1
+    assert post(1, "one again").json()["in"] == 1
+    # a repeated parameter: one value is used, the message is delivered once
+    repeated = requests.post(base(server) + f"?gc_cid={client}&gc_transport=longpoll&gc_sid={sid}&gc_seq=2&gc_seq=2",
+                             data="two", headers=text, timeout=5)
+    assert repeated.json()["in"] == 2
+    assert rec.got == ["one", "two"] and rec.started == [client]
+
+
+def test_racing_first_requests_of_one_client_run_the_handler_once(serve):
+    started: List[Any] = []
+
+    @with_channel
+    def slow(channel: Any) -> None:
+        started.append(channel.session)
+        gevent.sleep(0.2)  # a database lookup before the handler returns
+        channel.send("welcome")
+
+    server = serve(slow)
+    client = cid()
+
+    def one(i: int) -> Any:
+        if i % 3 == 0:
+            return requests.get(base(server), params=q(client, "longpoll", gc_open=1), timeout=5).status_code
+        if i % 3 == 1:
+            return requests.post(base(server), params=q(client, "longpoll", gc_seq=1), data="m",
+                                 headers={"Content-Type": "text/plain"}, timeout=5).status_code
+        ws = websocket.create_connection(ws_url(server, client), timeout=5)
+        hello = control(ws.recv())["hello"]
+        ws.sock.close()
+        return 200 if hello else 0
+
+    jobs = [gevent.spawn(one, i) for i in range(9)]
+    gevent.joinall(jobs, timeout=10)
+    assert [job.value for job in jobs] == [200] * 9
+    assert started == [client]
+
+
+@pytest.mark.parametrize("host,origin", [
+    ("app.example", "null"), ("app.example.", "http://app.example"), ("app.example", "http://app.example."),
+    ("app.example", "http://app.example.evil.example"), ("app.example", "http://evil@app.example"),
+    ("app.example:8080", "http://app.example"), ("app.example", "http://app.example,http://evil.example"),
+])
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_lookalike_origins_are_refused(serve, host, origin, method):
+    rec = Recorder()
+    server = serve(rec.app())
+    answer = requests.request(method, base(server), params=q(cid(), "longpoll", gc_open=1, gc_seq=1), data="x",
+                              headers={"Host": host, "Origin": origin, "Content-Type": "text/plain"}, timeout=5)
+    assert answer.status_code == 403
+    assert rec.started == []
+
+
+def test_slow_post_body_does_not_stall_its_session(serve):
+    rec = Recorder()
+    server = serve(rec.app(), handshake_timeout=1)
+    client = cid()
+    sid = open_poll(server, client)["hello"]["sid"]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
+        slow.sendall(f"POST /?gc_cid={client}&gc_transport=longpoll&gc_seq=1&gc_sid={sid} HTTP/1.1\r\nHost: x\r\n"
+                     "Content-Type: text/plain\r\nContent-Length: 10\r\n\r\nab".encode())
+        fast = requests.post(base(server), params=q(client, "longpoll", gc_seq=1, gc_sid=sid), data="fast",
+                             headers={"Content-Type": "text/plain"}, timeout=5)
+        assert fast.json()["in"] == 1
+        assert slow.recv(100).startswith(b"HTTP/1.1 408 ")
+    assert rec.got == ["fast"]
+    assert requests.get(base(server), params=q(cid(), "longpoll", gc_open=1), timeout=5).json()["f"] == ["welcome"]
