@@ -81,13 +81,15 @@ def parse_complete(data: Any, pos: int, max_size: Optional[int], limit: int) -> 
     return frames, pos, 0
 
 
-# What FrameReader.next() returns, with its value:
+# What FrameReader.next() returns, with its value. The *_LAST steps used up
+# every byte read, so the caller need not ask again until the next read.
 MORE = 0  # None: nothing to do until more bytes arrive
 MESSAGES = 1  # [(is_text, payload), ...] parsed here, at most ``room`` of them
-LAST = 2  # the same, and they used up every byte read: nothing more to do
-ENGINE = 3  # bytes of a frame for the engine, which does not end it
-ENGINE_END = 4  # the last bytes of a frame for the engine (its first too, if whole)
-TOO_LONG = 5  # None: a 64-bit length with its top bit set (RFC 6455 5.2: 1002)
+MESSAGES_LAST = 2
+ENGINE_END = 3  # the last bytes of a frame for the engine (its first too, if whole)
+ENGINE_LAST = 4
+ENGINE = 5  # bytes of a frame for the engine, which does not end it (always last)
+TOO_LONG = 6  # None: a 64-bit length with its top bit set (RFC 6455 5.2: 1002)
 
 
 class FrameReader:
@@ -174,13 +176,13 @@ class FrameReader:
                 self._pos = end
                 return ENGINE, memoryview(buf)[pos:]
             self.left = 0
-            self._pos = pos + left
-            return ENGINE_END, memoryview(buf)[pos:pos + left]
+            self._pos = pos = pos + left
+            return ENGINE_END if pos < end else ENGINE_LAST, memoryview(buf)[pos - left:pos]
         if self.fast and not self._fragmented:
             frames, pos, need = parse_complete(buf, pos, self.max_size, room)
             self._pos = pos
             if frames:
-                return MESSAGES if pos < end else LAST, frames
+                return MESSAGES if pos < end else MESSAGES_LAST, frames
             if need:
                 return self._hold(need)
         # A frame for the engine: read its header, to know where it ends.
@@ -204,15 +206,23 @@ class FrameReader:
             if length >> 63:
                 return TOO_LONG, None
             size = 10
-        opcode = first & 0x0F
-        if opcode == 1 or opcode == 2:
-            self._fragmented = not first & 0x80
-        elif opcode == 0 and first & 0x80:
-            self._fragmented = False
+        if self.fast:  # where a fragmented message starts and ends
+            opcode = first & 0x0F
+            if opcode == 1 or opcode == 2:
+                self._fragmented = not first & 0x80
+            elif opcode == 0 and first & 0x80:
+                self._fragmented = False
         # An unmasked or otherwise invalid frame fails in the engine at its
         # header, whatever length it claims; what follows is discarded.
-        self.left = size + (4 if second & 0x80 else 0) + length
-        return self.next(room)
+        left = size + (4 if second & 0x80 else 0) + length
+        if avail < left:
+            self.left = left - avail
+            self._pos = end
+            return ENGINE, memoryview(buf)[pos:] if pos else buf
+        self._pos = pos + left
+        if avail == left:
+            return ENGINE_LAST, memoryview(buf)[pos:] if pos else buf
+        return ENGINE_END, memoryview(buf)[pos:pos + left]
 
     def _hold(self, need: int) -> Tuple[int, Any]:
         """Keep the incomplete frame or header at the position until ``need`` bytes."""

@@ -25,7 +25,7 @@ from websockets.server import ServerProtocol
 
 from .channel import Channel, CloseStatus, Event
 from . import frames
-from .frames import ENGINE, ENGINE_END, LAST, MESSAGES, TOO_LONG
+from .frames import ENGINE, ENGINE_END, MESSAGES_LAST, MORE, TOO_LONG
 from .connection import Connection
 from .options import Options
 from .server import HANDLER_KEY, RESPONDED_KEY, UPGRADE_KEY
@@ -312,33 +312,36 @@ class WebSocketTransport:
                         return True
                     room = channel._max_queue
             kind, value = reader.next(room)
-            if kind == LAST or kind == MESSAGES:  # the common case, without the engine
-                for is_text, payload in value:
+            if kind <= MESSAGES_LAST:
+                if kind == MORE:
+                    return False
+                for is_text, payload in value:  # the common case, without the engine
                     if is_text:
                         try:
                             payload = payload.decode()
                         except UnicodeDecodeError as exc:
                             self._invalid_utf8(exc)
-                            self._write_pending()
                             break
                     channel._deliver(payload)
                 else:
-                    if kind == LAST:  # all parsed: one more round only to pause if full
-                        queue = channel._queue
-                        if len(queue) >= channel._max_queue and channel.is_open:
-                            conn.pause_reading()
-                            return True
-                        return False
-            elif kind == ENGINE_END or kind == ENGINE:
+                    if kind == MESSAGES_LAST:
+                        break
+            elif kind <= ENGINE:
                 self._engine(value)
-            elif kind == TOO_LONG:
-                # websockets would say 1009 (over max_size) or wait for 2**63
-                # bytes; RFC 6455 5.2 says the top bit must be 0: 1002.
+                if kind != ENGINE_END:
+                    break
+            else:  # TOO_LONG: websockets would say 1009 (over max_size) or wait
+                # for 2**63 bytes; RFC 6455 5.2 says the top bit must be 0: 1002.
                 protocol.fail(1002, "payload length over 2**63")
                 channel._finish(CloseStatus.PROTOCOL_ERROR, 1002, "payload length over 2**63")
                 self._write_pending()
-            else:
-                return False
+        # Every byte read is parsed: pause now if that filled the queue, rather
+        # than read once more only to hold it.
+        queue = channel._queue
+        if queue and len(queue) >= channel._max_queue and channel.is_open and not conn.closed:
+            conn.pause_reading()
+            return True
+        return False
 
     def _engine(self, data: Any) -> None:
         """Give the engine bytes of its frames (None: the end of the stream), act
@@ -348,27 +351,35 @@ class WebSocketTransport:
             protocol.receive_eof()
         else:
             protocol.receive_data(data)
+        # The engine writes only for a ping, a close, a failure or the end
+        # of the stream: a data frame needs no data_to_send() round.
+        answer = data is None
         frame: Any
         for frame in protocol.events_received():
             opcode = frame.opcode
             if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
                 self._on_data_frame(frame)
             elif opcode is _PING:
+                answer = True
                 self.channel._ping_received(frame.data)
             elif opcode is _PONG:
                 if self._pong_timer is not None:
                     self._pong_timer.stop()
             elif opcode is _CLOSE:
+                answer = True
                 close = protocol.close_rcvd
                 if close is not None:
                     self.channel._finish(CloseStatus.from_code(close.code), close.code, close.reason)
-        if protocol.parser_exc is not None and self.channel.is_open:
-            sent = protocol.close_sent
-            if sent is not None:
-                self.channel._finish(CloseStatus.from_code(sent.code), sent.code, sent.reason)
-            else:  # EOF without a close frame: the client vanished
-                self.channel._finish(CloseStatus.GOING_AWAY, 1006, "")
-        self._write_pending()
+        if protocol.parser_exc is not None:
+            answer = True
+            if self.channel.is_open:
+                sent = protocol.close_sent
+                if sent is not None:
+                    self.channel._finish(CloseStatus.from_code(sent.code), sent.code, sent.reason)
+                else:  # EOF without a close frame: the client vanished
+                    self.channel._finish(CloseStatus.GOING_AWAY, 1006, "")
+        if answer:
+            self._write_pending()
 
     def _on_data_frame(self, frame: Any) -> None:
         if not self.channel.is_open:
@@ -406,6 +417,7 @@ class WebSocketTransport:
         self._parts = self._decoder = None
         self.protocol.fail(1007, f"invalid UTF-8 at position {exc.start}")
         self.channel._finish(CloseStatus.INVALID_DATA, 1007, "invalid UTF-8")
+        self._write_pending()
 
     def resume_reading(self) -> None:
         """The handler took a message from a full queue: parse on, in the hub.

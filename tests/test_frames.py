@@ -83,14 +83,14 @@ def read_all(reader, protocol, pieces, room=1 << 30):
             kind, value = reader.next(room)
             if kind == frames.MORE:
                 break
-            if kind in (frames.MESSAGES, frames.LAST):
+            if kind in (frames.MESSAGES, frames.MESSAGES_LAST):
                 got.extend((Opcode.TEXT if t else Opcode.BINARY, p) for t, p in value)
             elif kind == frames.TOO_LONG:
                 return got, "too long"
             else:
                 protocol.receive_data(value)
                 got.extend((e.opcode, bytes(e.data)) for e in protocol.events_received())
-                if kind == frames.ENGINE_END and protocol.parser_exc is None:
+                if kind in (frames.ENGINE_END, frames.ENGINE_LAST) and protocol.parser_exc is None:
                     # The invariant the fast path relies on: the engine idles
                     # at a boundary after each frame it was given.
                     assert not reader.left
@@ -136,7 +136,7 @@ def test_a_large_frame_in_many_reads_takes_the_fast_path():
     for i in range(0, len(data), 65536):
         reader.feed(data[i:i + 65536])
         kind, value = reader.next(16)
-        if kind in (frames.MESSAGES, frames.LAST):
+        if kind in (frames.MESSAGES, frames.MESSAGES_LAST):
             out.extend(value)
         else:
             assert kind == frames.MORE
@@ -159,7 +159,7 @@ def test_a_large_engine_frame_is_passed_on_as_it_arrives():
             kinds.append((kind, len(value)))
             assert reader.unparsed < 65536
     first = 10 + 4 + len(payload)
-    assert kinds == [(frames.ENGINE, 65536)] * 3 + [(frames.ENGINE_END, first - 3 * 65536), (frames.ENGINE_END, 9)]
+    assert kinds == [(frames.ENGINE, 65536)] * 3 + [(frames.ENGINE_END, first - 3 * 65536), (frames.ENGINE_LAST, 9)]
 
 
 @given(st.binary(max_size=70000), st.sampled_from([1, 2, 9]))

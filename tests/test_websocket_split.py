@@ -15,6 +15,7 @@ holds more than ``max_queue`` messages, and none is lost or reordered.
 from __future__ import annotations
 
 import codecs
+import re
 import socket
 import struct
 from typing import Any, List, Optional, Tuple
@@ -291,7 +292,7 @@ def reference(stream: bytes, config: Config, eof: bool) -> Outcome:
             pongs.append(bytes(event.data))
     sent = protocol.data_to_send()
     exc = protocol.parser_exc
-    if failed is None and isinstance(exc, PayloadTooBig) and (getattr(exc, "size", None) or 0) >> 63:
+    if failed is None and isinstance(exc, PayloadTooBig) and any(int(n) >> 63 for n in re.findall(r"\d+", str(exc))):
         failed = 1002  # where websockets says 1009, RFC 6455 5.2 says protocol error
     if failed is not None:
         return Outcome(messages, pongs, failed, None, failed, True)
