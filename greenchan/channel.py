@@ -189,7 +189,14 @@ def run_handler(channel: "Channel", handler: Callable[..., Any], args: tuple, kw
     try:
         handler(channel, *args, **kwargs)
     except Exception:
-        log.exception("handler %s raised", getattr(handler, "__name__", handler))
+        environ = channel.environ
+        # The route and the client, so an operator can find the request; not the
+        # query string (a session's gc_cid is a capability).
+        log.exception(
+            "handler %s raised on %s %s from %s:%s", getattr(handler, "__name__", handler),
+            environ.get("REQUEST_METHOD", "-"), environ.get("PATH_INFO", "-"),
+            environ.get("REMOTE_ADDR", "-"), environ.get("REMOTE_PORT", "-"),
+        )
         if channel.is_open:
             channel._transport.close(1011, "internal error", CloseStatus.INTERNAL_ERROR)
 

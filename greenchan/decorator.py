@@ -5,7 +5,7 @@ import functools
 import io
 import logging
 import sys
-from typing import Any, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, overload
 
 from gevent.timeout import Timeout
 
@@ -25,9 +25,39 @@ log = logging.getLogger("greenchan")
 
 Handler = Callable[..., Any]
 
+if TYPE_CHECKING:  # typing only: ParamSpec is in typing from 3.10, and greenchan runs on 3.9
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from typing_extensions import Concatenate, ParamSpec, Protocol
+
+    P = ParamSpec("P")
+
+    class ChannelView(Protocol[P]):
+        """What ``with_channel`` returns: a WSGI application, and a view of the route's arguments."""
+
+        greenchan_handler: Callable[..., object]
+
+        @overload
+        def __call__(self, environ: WSGIEnvironment, start_response: StartResponse, /) -> Iterable[bytes]: ...
+        @overload
+        def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any: ...
+
 
 class _BodyTimeout(Exception):
     """The request body did not arrive within ``handshake_timeout``."""
+
+
+@overload
+def with_channel(handler: Callable[Concatenate[Channel, P], object]) -> ChannelView[P]: ...
+@overload
+def with_channel(
+    handler: None = None,
+    *,
+    subprotocols: Optional[Sequence[str]] = ...,
+    origins: Optional[Sequence[str]] = ...,
+    max_message_size: Optional[int] = ...,
+    ping_interval: Optional[float] = ...,
+    ping_timeout: Optional[float] = ...,
+) -> Callable[[Callable[Concatenate[Channel, P], object]], ChannelView[P]]: ...
 
 
 def with_channel(handler: Optional[Handler] = None, **options: Any) -> Any:

@@ -34,7 +34,9 @@ from typing import Any, Callable, Deque, Dict, Optional
 import gevent
 import gevent.event
 
+from . import counters
 from .channel import Channel, CloseStatus
+from .origin import page_origin
 from .stores.codec import decode, encode
 
 log = logging.getLogger("greenchan.forwarding")
@@ -105,7 +107,8 @@ class Forwarder:
         environ = inner.environ
         head = {
             "cid": cid, "reply": self.inbox, "params": params,
-            "origin": environ.get("HTTP_ORIGIN"), "accept": environ.get("HTTP_ACCEPT", ""),
+            "origin": page_origin(environ), "fetch_site": environ.get("HTTP_SEC_FETCH_SITE", "none"),
+            "accept": environ.get("HTTP_ACCEPT", ""),
         }
         if environ.get("REQUEST_METHOD") == "POST":
             rid = f"{self.node}:{next(self._ids)}"
@@ -203,7 +206,8 @@ class Forwarder:
                 self._publish(head["reply"], {"op": "close", "carrier": head["carrier"], "code": 1000, "reason": "session gone"}, None)
             return
         origin = head.get("origin")
-        if origin is not None and session.origin not in (None, origin):
+        if not session.allows({"HTTP_SEC_FETCH_SITE": head.get("fetch_site", "none")}, origin):
+            counters.reject("origin")
             log.warning("session %s… pinned to origin %r refused a forwarded request from %r", session.cid[:8], session.origin, origin)
             if op == "post":
                 self._answer(head, {"status": 403, "body": "This session belongs to another origin\n"})

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from . import counters
 
-__all__ = ["origin_allowed", "check_origin", "cors_headers", "CORS_KEY"]
+__all__ = ["origin_allowed", "check_origin", "cors_headers", "page_origin", "same_page", "CORS_KEY"]
 
 log = logging.getLogger("greenchan.origin")
 
@@ -134,3 +134,31 @@ def check_origin(environ: dict, origins: Optional[Sequence[str]]) -> Optional[Tu
     if cors:
         environ[CORS_KEY] = cors
     return None
+
+
+def page_origin(environ: dict) -> Optional[str]:
+    """The origin of the page that sent this request, as far as the server can tell.
+
+    Its ``Origin`` header; else, for a request the browser calls same-origin
+    (``Sec-Fetch-Site``: browsers send no ``Origin`` on same-origin GETs, an
+    EventSource's and a long-poll's included), ``"//"`` and the host it was sent
+    to. Without this a page of another origin served by the same server (another
+    host name) could read a stolen session over SSE or long-polling.
+    """
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None and environ.get("HTTP_SEC_FETCH_SITE", "").lower() == "same-origin":
+        return "//" + environ.get("HTTP_HOST", "")
+    return origin
+
+
+def same_page(pinned: str, origin: str) -> bool:
+    """Whether two page origins (an Origin header, or "//" and a host) are the same."""
+    if pinned == origin:
+        return True
+    if pinned.startswith("//") and origin.startswith("//"):
+        return pinned.lower() == origin.lower()
+    if pinned.startswith("//"):
+        return same_origin(origin, pinned[2:])
+    if origin.startswith("//"):
+        return same_origin(pinned, origin[2:])
+    return False

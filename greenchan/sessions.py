@@ -29,10 +29,11 @@ import gevent
 import gevent.event
 from gevent.hub import get_hub
 
+from . import counters
 from .channel import Channel, CloseStatus, Event, run_handler
 from .forwarding import CLAIM_MS, Forwarder, forwarder
 from .options import Options
-from .origin import same_origin
+from .origin import page_origin, same_page
 
 __all__ = ["serve", "session_params"]
 
@@ -51,6 +52,8 @@ POLL_WAIT = 25.0
 _ACK_EVERY = 16
 _ACK_DELAY = 0.2
 
+_FRAME_OVERHEAD = 64
+
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _HEADERS = [("Content-Type", "application/json"), ("Cache-Control", "no-store")]
 
@@ -65,34 +68,6 @@ def session_params(environ: dict) -> Optional[Dict[str, str]]:
     if "gc_cid=" not in query:
         return None
     return {k: v[-1] for k, v in parse_qs(query).items() if k.startswith("gc_")}
-
-
-def page_origin(environ: dict) -> Optional[str]:
-    """The origin of the page that sent this request, as far as the server can tell.
-
-    Its ``Origin`` header; else, for a request the browser calls same-origin
-    (``Sec-Fetch-Site``: browsers send no ``Origin`` on same-origin GETs, an
-    EventSource's and a long-poll's included), ``"//"`` and the host it was sent
-    to. Without this a page of another origin served by the same server (another
-    host name) could read a stolen session over SSE or long-polling.
-    """
-    origin = environ.get("HTTP_ORIGIN")
-    if origin is None and environ.get("HTTP_SEC_FETCH_SITE", "").lower() == "same-origin":
-        return "//" + environ.get("HTTP_HOST", "")
-    return origin
-
-
-def _same_page(pinned: str, origin: str) -> bool:
-    """Whether two page origins (an Origin header, or "//" and a host) are the same."""
-    if pinned == origin:
-        return True
-    if pinned.startswith("//") and origin.startswith("//"):
-        return pinned.lower() == origin.lower()
-    if pinned.startswith("//"):
-        return same_origin(origin, pinned[2:])
-    if origin.startswith("//"):
-        return same_origin(pinned, origin[2:])
-    return False
 
 
 def _number(params: Dict[str, str], name: str, default: int = 0) -> int:
@@ -121,7 +96,8 @@ def serve(inner: Channel, handler: Callable, server: Any, options: Options, para
     if fwd is not None and _forwarded(fwd, inner, params):
         return  # another process holds this session (forwarding.py)
     origin = page_origin(inner.environ)
-    if session is not None and origin is not None and session.origin is not None and not _same_page(session.origin, origin):
+    if session is not None and not session.allows(inner.environ, origin):
+        counters.reject("origin")
         log.warning("session %s… pinned to origin %r refused a request from %r", cid[:8], session.origin, origin)
         inner.reject(403, "This session belongs to another origin\n")
         return
@@ -139,6 +115,13 @@ def serve(inner: Channel, handler: Callable, server: Any, options: Options, para
             inner.send({"status": 410, "headers": _HEADERS, "body": _JSON.encode({"closed": True})})
             return
     if session is None or (session.state is CLOSED and method != "POST" and not session.owes(params)):
+        limit = options.max_connections
+        if limit is not None and server._connections > limit:
+            # No slot for it to be away in (this request's own connection counted):
+            # 503 before the handler runs, as for a connection over the limit.
+            counters.reject("max_connections")
+            inner.reject(503, "Too many connections, retry.\n", {"Retry-After": "1"})
+            return
         if session is not None:
             session.forget()
         session = Session(cid, inner, server, options, params)
@@ -218,6 +201,19 @@ class Session:
         self._poll_timer: Any = None
         self.channel = Channel(first.environ, self, False, options.max_queue)
 
+    def allows(self, environ: dict, origin: Optional[str]) -> bool:
+        """The session's pin: a request from another page origin is not its client.
+
+        A browser request that carries no ``Origin`` and that the browser marks as
+        not same-origin (an ``<img>`` or ``<script>`` of another site or subdomain
+        holding a stolen ``gc_cid``) is not greenchan.js, which always sends one then.
+        """
+        if self.origin is None:
+            return True
+        if origin is None:
+            return environ.get("HTTP_SEC_FETCH_SITE", "none").lower() in ("same-origin", "none")
+        return same_page(self.origin, origin)
+
     @property
     def kind(self) -> str:
         """The transport the client is on now (``channel.transport``)."""
@@ -241,7 +237,7 @@ class Session:
             if first.is_open:
                 self.attach(first, params, new=True)
             else:
-                self._detached()
+                self._detached(handover=True)
 
     def attach(self, carrier: Channel, params: Dict[str, str], new: bool = False) -> None:
         """Make ``carrier`` the client's connection and send it what it has not got."""
@@ -298,7 +294,7 @@ class Session:
         body["f"] = [_json_frame(frame) for frame, _ in self._frames]
         carrier.send({"headers": _HEADERS, "body": _JSON.encode(body)}, wait=False)
         if self._carrier is None:
-            self._detached()
+            self._detached(handover=isinstance(carrier, Channel))
 
     def _let_go(self, carrier: Channel) -> None:
         """A newer carrier replaced this one: end it without ending the session."""
@@ -314,17 +310,25 @@ class Session:
                 self._poll_timer.stop()
                 self._poll_timer = None
             if self.state is ATTACHED:
-                self._detached()
+                self._detached(handover=isinstance(carrier, Channel))
             if carrier.transport == "websocket" and carrier.close_code == 1000 and carrier.close_status is CloseStatus.NORMAL:
                 self.client_closed()
 
-    def _detached(self) -> None:
-        """No carrier: keep the frames, hold a connection slot, start the grace timer."""
+    def _detached(self, handover: bool) -> None:
+        """No carrier: keep the frames, hold a connection slot, start the grace timer.
+
+        With ``handover`` the carrier was a connection of this process, which
+        frees its slot as it ends: the session takes that slot over (so
+        ``max_connections`` slots hold that many detached sessions); a carrier
+        of another process frees nothing here, so a free slot is needed.
+        """
         if self.state is CLOSED:
             return
         self.state = DETACHED
         if not self._slot:
-            if not self.server._admit():
+            if handover:
+                self.server._connections += 1
+            elif not self.server._admit():
                 log.warning("session %s… dropped: max_connections reached while it was away", self.cid[:8])
                 self._finish(CloseStatus.GOING_AWAY)
                 return
@@ -379,7 +383,9 @@ class Session:
     def _push(self, frame: Frame) -> bool:
         if self.state is CLOSED:
             return False
-        size = len(frame) if not isinstance(frame, dict) else 64
+        # What a kept frame costs besides its bytes (the deque slot, the tuple):
+        # counted, so that empty messages cannot pile up without bound either.
+        size = (len(frame) if not isinstance(frame, dict) else 64) + _FRAME_OVERHEAD
         self._frames.append((frame, size))
         self._size += size
         if self._size > self.options.send_buffer and len(self._frames) > 1:
