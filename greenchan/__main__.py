@@ -35,8 +35,20 @@ _LISTS = {"origins", "subprotocols"}
 _UNITS = {"": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 
-OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options))
-_FIELDS = {f.name: f for f in dataclasses.fields(Options)}
+# ``store`` is an object, not text: the command line and the environment give it
+# as a Redis URL (--redis-url, GREENCHAN_REDIS_URL), which becomes a RedisChannelStore.
+_OBJECTS = {"store"}
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(Options) if f.name not in _OBJECTS)
+_FIELDS = {f.name: f for f in dataclasses.fields(Options) if f.name not in _OBJECTS}
+#: The variable that gives the server a RedisChannelStore (session forwarding).
+REDIS_URL = ENV_PREFIX + "REDIS_URL"
+
+
+def store_from_url(url: str) -> Any:
+    """The ``store`` option from its URL: a RedisChannelStore shared by every process."""
+    from .stores import RedisChannelStore
+
+    return RedisChannelStore(url)
 # Options whose text may say "none" (or 0 for keepalive) to turn them off: those
 # whose type allows None.
 _NULLABLE = {name for name, f in _FIELDS.items() if "Optional" in str(f.type)}
@@ -188,6 +200,9 @@ def options_from_environ(environ: Optional[Mapping[str, str]] = None) -> Dict[st
     for key, text in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
+        if key == REDIS_URL:
+            options["store"] = store_from_url(text)
+            continue
         name = key[len(ENV_PREFIX):].lower()
         if name not in OPTION_NAMES:
             log.warning("ignoring %s: greenchan has no option %r (known: %s)", key, name, ", ".join(OPTION_NAMES))
@@ -267,6 +282,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", type=str.lower,
                         choices=["debug", "info", "warning", "error", "critical"],
                         help="logging level (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve /metrics (Prometheus) and /healthz on this port, on --host "
+                        "(needs greenchan[metrics]; default: off)")
     group = parser.add_argument_group(
         "server options",
         "Each also comes from GREENCHAN_<OPTION> in the environment; a flag wins.\n"
@@ -283,6 +301,9 @@ def _parser() -> argparse.ArgumentParser:
         help = f"{what} [{how}] (default: {option.default})".lstrip()
         group.add_argument(option.flag, metavar=metavar, help=help.replace("%", "%%"),
                            action="append" if option.kind == "list" else "store")
+    group.add_argument("--redis-url", metavar="URL",
+                       help="a RedisChannelStore for the server: a greenchan.js session's requests may then "
+                       "reach any process sharing that Redis (also GREENCHAN_REDIS_URL) (default: none)")
     return parser
 
 
@@ -295,6 +316,8 @@ def _options(args: argparse.Namespace) -> Dict[str, Any]:
         if isinstance(value, list):
             value = ",".join(value)
         options[name] = parse_option(name, value)
+    if args.redis_url:
+        options["store"] = store_from_url(args.redis_url)
     return options
 
 
@@ -329,6 +352,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         server.start()
     except OSError as exc:
         parser.exit(1, f"greenchan: error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}\n")
+    if args.metrics_port is not None:
+        try:
+            from .metrics import serve_metrics
+        except ImportError:
+            parser.exit(2, "greenchan: error: --metrics-port needs prometheus_client: pip install 'greenchan[metrics]'\n")
+        serve_metrics(args.host, args.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
     server.serve_forever()
     return 0
 

@@ -31,7 +31,9 @@ class Options:
     #: for ``ping_timeout`` seconds closes with ``CloseStatus.TIMEOUT``.
     ping_interval: Optional[float] = 20.0
     ping_timeout: Optional[float] = 20.0
-    #: Allowed ``Origin`` values for upgrades; ``None`` means same origin only.
+    #: Allowed ``Origin`` values, for every transport (a WebSocket upgrade, a POST,
+    #: an SSE or long-poll GET); ``None`` means same origin only, ``["*"]`` anyone.
+    #: Listed origins also get CORS answers on HTTP.
     origins: Optional[Sequence[str]] = None
     #: Offered WebSocket subprotocols, in server preference order.
     subprotocols: Optional[Sequence[str]] = None
@@ -75,6 +77,8 @@ class Options:
                 f"unknown greenchan option(s): {', '.join(sorted(unknown))}; "
                 f"known options are {', '.join(sorted(known))}"
             )
+        if options.get("max_queue", 1) < 1:
+            raise ValueError("max_queue must be at least 1 (reading pauses when it is full)")
         if options.get("compression") not in (None, "deflate"):
             raise ValueError("compression must be None or 'deflate'")
         return cls(**options)
