@@ -6,6 +6,7 @@ import websocket
 
 from conftest import wait_for
 from greenchan import CloseStatus, Event, MemoryChannelStore, with_channel
+from redis_server import redis_server  # noqa: F401  (a fixture)
 
 metrics = pytest.importorskip("greenchan.metrics")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -147,3 +148,31 @@ def test_health_flips_to_503_during_stop(serve):
     blocker.set()
     stopper.join(10)
     assert isinstance(server, Server)
+
+
+def test_resumes_and_store_up(serve, redis_server):  # noqa: F811
+    from greenchan import RedisChannelStore
+
+    store = MemoryChannelStore(history=10)
+    joined = []
+
+    @with_channel
+    def app(channel):
+        joined.append(store.add_to_group("g", channel, since=channel.environ.get("HTTP_X_SINCE")))
+        channel.close()
+
+    server = serve(app)
+    scraper = serve(metrics.wsgi_app)
+    redis_store = RedisChannelStore(redis_server.url)
+    redis_store.broadcast("nobody", "x")  # connects
+    store.broadcast("g", "one")
+    first_id = store.history("g")[0][0]
+    before = scrape(scraper)
+    requests.get(f"http://127.0.0.1:{server.port}/", headers={"X-Since": first_id}, timeout=5)
+    requests.get(f"http://127.0.0.1:{server.port}/", headers={"X-Since": "not-an-id"}, timeout=5)
+    after = scrape(scraper)
+    assert joined == [True, False]
+    assert delta(before, after, "greenchan_resumes_total", recovered="true") == 1
+    assert delta(before, after, "greenchan_resumes_total", recovered="false") == 1
+    assert after[("greenchan_store_up", (("store", "RedisChannelStore"),))] == 1
+    redis_store.close()

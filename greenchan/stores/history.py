@@ -94,6 +94,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from .. import counters
 from ..channel import Channel
 
 log = logging.getLogger("greenchan.stores")
@@ -192,10 +193,9 @@ def replay_to(
 
 
 def _observe_resume(recovered: bool) -> None:
-    """Metrics hook: a join with ``since`` that did (``True``) or did not recover.
-
-    Does nothing yet; ``greenchan_resumes_total{recovered}`` will count here.
-    """
+    """A join with ``since`` that did (``True``) or did not recover
+    (``greenchan_resumes_total{recovered}``)."""
+    counters.resumed(recovered)
 
 
 def check_options(history: int, history_ttl: Optional[float]) -> None:

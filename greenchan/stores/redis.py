@@ -14,6 +14,7 @@ import gevent.event
 import gevent.lock
 from gevent.hub import get_hub, getcurrent
 
+from .. import counters
 from ..channel import Channel
 from .codec import decode, encode
 from .groups import Render, _Groups
@@ -228,6 +229,7 @@ class RedisChannelStore(_Groups):
         # ERROR is logged once per such episode.
         self._auth_error: Optional[str] = None
         self._auth_logged = False
+        counters.stores.add(self)  # greenchan_store_up, the health check
         # Whether the subscriber was ever up in this process: a reconnection then
         # means a gap that the history can fill (a catch-up).
         self._ever_up = False
