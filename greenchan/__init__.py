@@ -9,7 +9,7 @@ from .decorator import with_channel
 from .server import Server, run_server
 from .stores import ChannelStore, MemoryChannelStore, RedisChannelStore
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "with_channel",
