@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Optional, Protocol, Set, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, runtime_checkable
 
 from .. import counters
 from ..channel import Channel
+from .presence import Entry, PresenceFn, call_all
 
 log = logging.getLogger("greenchan.stores")
 
@@ -24,12 +25,15 @@ class ChannelStore(Protocol):
     """What the stores share: groups of channels, each with an attachment."""
 
     def add_to_group(
-        self, group: str, channel: Channel, attachment: Any = None, *, since: Optional[str] = None
+        self, group: str, channel: Channel, attachment: Any = None, *, since: Optional[str] = None,
+        presence: Any = None,
     ) -> bool:
         """Put ``channel`` in ``group`` (again: replace its attachment).
 
         With ``since`` (an id the client last received), first replay what the
-        group's history kept after it; False when that cannot be done.
+        group's history kept after it; False when that cannot be done. With
+        ``presence`` (a key, or ``(key, meta)``), the channel is present in the
+        group under that key while it is a member.
         """
 
     def remove_from_group(self, group: str, channel: Channel) -> None:
@@ -53,6 +57,46 @@ class _Groups:
         self._groups: Dict[str, Dict[Channel, Any]] = {}
         # channel -> the groups it is in, so closing leaves them all in one step.
         self._memberships: Dict[Channel, Set[str]] = {}
+        # group -> {channel: its presence Entry}: this process's present channels.
+        self._present: Dict[str, Dict[Channel, Entry]] = {}
+        self._presence_fns: List[PresenceFn] = []
+
+    # -- presence (presence.py) ----------------------------------------------------
+
+    def on_presence(self, fn: PresenceFn) -> PresenceFn:
+        """Run ``fn(group, key, meta, joined)`` on a key's first join and last leave.
+
+        Returns ``fn``, so it serves as a decorator.
+        """
+        if not callable(fn):
+            raise TypeError("on_presence takes a function fn(group, key, meta, joined)")
+        self._presence_fns.append(fn)
+        self._presence_watch()
+        return fn
+
+    def _emit_presence(self, group: str, key: str, meta: Any, joined: bool) -> None:
+        call_all(self._presence_fns, log, group, key, meta, joined)
+
+    def _set_presence(self, group: str, channel: Channel, entry: Entry) -> None:
+        """Make ``entry`` the presence of ``channel``, a member of ``group``."""
+        entries = self._present.setdefault(group, {})
+        old = entries.get(channel)
+        if old is not None:
+            if old.value == entry.value:
+                return
+            del entries[channel]
+            self._presence_left(group, channel, old)
+        entries[channel] = entry
+        self._presence_joined(group, channel, entry)
+
+    def _presence_watch(self) -> None:
+        """An ``on_presence`` function was registered."""
+
+    def _presence_joined(self, group: str, channel: Channel, entry: Entry) -> None:
+        """``channel`` is present in ``group`` with ``entry``."""
+
+    def _presence_left(self, group: str, channel: Channel, entry: Entry) -> None:
+        """``channel`` (with ``entry``) is no longer present in ``group``."""
 
     def _join(self, group: str, channel: Channel, attachment: Any = None) -> bool:
         """Put ``channel`` in ``group`` with ``attachment``; it leaves when it closes.
@@ -107,6 +151,13 @@ class _Groups:
         if members is None:
             return
         members.pop(channel, None)
+        entries = self._present.get(group)
+        if entries is not None:
+            entry = entries.pop(channel, None)
+            if not entries:
+                del self._present[group]
+            if entry is not None:
+                self._presence_left(group, channel, entry)
         if not members:
             del self._groups[group]
             self._group_removed(group)

@@ -1,10 +1,11 @@
 """``MemoryChannelStore``: groups and broadcast within one process."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..channel import Channel, check_message
 from .groups import Render, _Groups
+from .presence import Entry, presence_entry
 from .history import (
     MemoryHistory,
     _observe_resume,
@@ -42,10 +43,51 @@ class MemoryChannelStore(_Groups):
         self.history_size = history
         self.history_ttl = history_ttl
         self._history = MemoryHistory(history, history_ttl, self._groups.__contains__) if history else None
+        # group -> {key: its number of present channels}
+        self._key_counts: Dict[str, Dict[str, int]] = {}
 
     def add_to_group(
-        self, group: str, channel: Channel, attachment: Any = None, *, since: Optional[str] = None
+        self, group: str, channel: Channel, attachment: Any = None, *, since: Optional[str] = None,
+        presence: Any = None,
     ) -> bool:
+        """Put ``channel`` in ``group``; with ``since``, replay what it missed first.
+
+        See ``_add`` for what it returns. With ``presence`` (a key or
+        ``(key, meta)``), the channel is present in the group under that key
+        until it leaves or closes (checked first: ``TypeError`` or ``ValueError``).
+        """
+        entry = None if presence is None else presence_entry(presence)
+        result = self._add(group, channel, attachment, since)
+        if entry is not None and self._is_member(group, channel):
+            self._set_presence(group, channel, entry)
+        return result
+
+    def presence(self, group: str) -> Dict[str, List[Any]]:
+        """``{key: [meta, ...]}``: one meta per present channel of ``group``."""
+        self._check_group(group)
+        present: Dict[str, List[Any]] = {}
+        for entry in self._present.get(group, {}).values():
+            present.setdefault(entry.key, []).append(entry.meta)
+        return present
+
+    def _presence_joined(self, group: str, channel: Channel, entry: Entry) -> None:
+        counts = self._key_counts.setdefault(group, {})
+        counts[entry.key] = counts.get(entry.key, 0) + 1
+        if counts[entry.key] == 1:
+            self._emit_presence(group, entry.key, entry.meta, True)
+
+    def _presence_left(self, group: str, channel: Channel, entry: Entry) -> None:
+        counts = self._key_counts.get(group, {})
+        left = counts.get(entry.key, 0) - 1
+        if left > 0:
+            counts[entry.key] = left
+            return
+        counts.pop(entry.key, None)
+        if not counts:
+            self._key_counts.pop(group, None)
+        self._emit_presence(group, entry.key, entry.meta, False)
+
+    def _add(self, group: str, channel: Channel, attachment: Any, since: Optional[str]) -> bool:
         """Put ``channel`` in ``group``; with ``since``, replay what it missed first.
 
         Returns True when the channel joined live without ``since``, or with
