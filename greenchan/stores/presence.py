@@ -130,14 +130,18 @@ end
 return {1, missing}
 """
 
-# KEYS: entries, counts, my groups set
-# ARGV: field, key, group, events channel, event, last of this process in the group (1/0)
+# KEYS: entries, counts, my groups set, procs
+# ARGV: field, key, group, events channel, event, last of this process in the
+#       group (1/0), me, nothing of this process left anywhere (1/0)
 LEAVE_LUA = """
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
 if ARGV[6] == '1' then
   redis.call('SREM', KEYS[3], ARGV[3])
+end
+if ARGV[8] == '1' then
+  redis.call('ZREM', KEYS[4], ARGV[7])
 end
 if redis.call('HINCRBY', KEYS[2], ARGV[2], -1) <= 0 then
   redis.call('HDEL', KEYS[2], ARGV[2])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import logging
 import os
 import re
@@ -18,6 +19,17 @@ from .. import counters
 from ..channel import Channel
 from .codec import decode, encode
 from .groups import Render, _Groups
+from .presence import (
+    JOIN_LUA,
+    LEAVE_LUA,
+    REAP_BATCH,
+    REFRESH_LUA,
+    Entry,
+    decode_event,
+    event_payload,
+    merge,
+    presence_entry,
+)
 from .history import (
     EPOCH_RETENTION,
     PUBLISH_LUA,
@@ -41,7 +53,7 @@ from .history import (
 log = logging.getLogger("greenchan.stores")
 
 # The SHA-1 that EVALSHA names each script by.
-_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (PUBLISH_LUA, READ_LUA)}
+_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (PUBLISH_LUA, READ_LUA, JOIN_LUA, LEAVE_LUA, REFRESH_LUA)}
 
 # A password may also ride in the query string (redis-py reads ?password=).
 _QUERY_SECRET = re.compile(r"(?i)((?:^|&)password=)[^&]*")
@@ -158,6 +170,7 @@ class RedisChannelStore(_Groups):
         max_message_size: Optional[int] = MAX_MESSAGE_SIZE,
         history: int = 0,
         history_ttl: Optional[float] = None,
+        presence_ttl: float = 30.0,
     ) -> None:
         from gevent import monkey
 
@@ -234,6 +247,25 @@ class RedisChannelStore(_Groups):
         # means a gap that the history can fill (a catch-up).
         self._ever_up = False
         self._delay = reconnect_min
+        # -- presence (see presence.py for the layout and the scripts) --
+        if not isinstance(presence_ttl, (int, float)) or presence_ttl <= 0:
+            raise ValueError(f"presence_ttl is a number of seconds > 0, not {presence_ttl!r}")
+        self.presence_ttl = presence_ttl
+        self._procs_key = (prefix + "presence:procs").encode()
+        self._events_key = (prefix + "presence:events").encode()
+        self._proc = ""  # this process's id in Redis: drawn in _start, per process
+        self._field_seq = itertools.count(1)
+        # (group, channel) -> its field in the group's entries hash
+        self._fields: Dict[Tuple[str, Channel], str] = {}
+        # group -> keys whose join this process has reported: a re-registration
+        # (after a Redis restart) does not report them again.
+        self._seen: Dict[str, Set[str]] = {}
+        # Leaves Redis did not take (an outage): retried by the refresh.
+        self._pending_leaves: List[Tuple[str, str, Entry]] = []
+        # True when Redis may lack some of our entries: the refresh re-registers.
+        self._presence_dirty = False
+        self._heartbeat_sent = False
+        self._refresher: Optional[gevent.Greenlet] = None
 
     # -- public ------------------------------------------------------------------
 
@@ -286,8 +318,23 @@ class RedisChannelStore(_Groups):
             ) from None
 
     def add_to_group(
-        self, group: str, channel: Channel, attachment: Any = None, *, since: Optional[str] = None
+        self, group: str, channel: Channel, attachment: Any = None, *, since: Optional[str] = None,
+        presence: Any = None,
     ) -> bool:
+        """As ``MemoryChannelStore.add_to_group``; see ``_add``.
+
+        With ``presence`` (a key or ``(key, meta)``, checked first), the channel
+        is present in the group for every process: one Redis round trip (a
+        script). While Redis cannot be reached the channel still joins, and the
+        refresh registers it once Redis is back.
+        """
+        entry = None if presence is None else presence_entry(presence)
+        result = self._add(group, channel, attachment, since)
+        if entry is not None and self._is_member(group, channel):
+            self._set_presence(group, channel, entry)
+        return result
+
+    def _add(self, group: str, channel: Channel, attachment: Any, since: Optional[str]) -> bool:
         """As ``MemoryChannelStore.add_to_group``; the first member subscribes.
 
         Called from a greenlet, it returns once Redis confirmed the subscription
@@ -360,7 +407,11 @@ class RedisChannelStore(_Groups):
 
     def close(self) -> None:
         """Stop the reader greenlet, close the connections and forget every group."""
+        self._leave_presence_on_close()
         self._closed = True
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            refresher.kill(block=False)
         reader, self._reader = self._reader, None
         if reader is not None:
             reader.kill(block=True, timeout=self.socket_timeout)
@@ -379,7 +430,208 @@ class RedisChannelStore(_Groups):
         self._confirm.clear()
         self._up = False
 
+    # -- presence (the layout and the scripts: presence.py) ---------------------------
+
+    def presence(self, group: str) -> Dict[str, List[Any]]:
+        """``{key: [meta, ...]}`` of ``group`` in every process: one ``HVALS``.
+
+        Raises ``redis.exceptions.ConnectionError`` while Redis cannot be reached.
+        """
+        self._check_group(group)
+        self._start()
+        exceptions = self._redis.exceptions
+        try:
+            values = self._publisher.hvals(self._presence_keys(group)[0])
+        except exceptions.AuthenticationError as exc:
+            raise exceptions.AuthenticationError(self._scrub(exc)) from None
+        except (exceptions.ConnectionError, exceptions.TimeoutError, OSError) as exc:
+            raise exceptions.ConnectionError(
+                f"reading the presence of {group!r} from {self.url} failed: {self._scrub(exc)}"
+            ) from None
+        return merge(values)
+
+    def _presence_keys(self, group: str) -> Tuple[bytes, bytes, bytes]:
+        """The group's entries and counts hashes, and this process's set of groups."""
+        base = f"{self.prefix}{{{group}}}:presence"
+        return base.encode(), (base + ":keys").encode(), f"{self.prefix}presence:proc:{self._proc}".encode()
+
+    def _join_args(self, group: str, field: str, entry: Entry) -> Tuple[Any, ...]:
+        entries, counts, mine = self._presence_keys(group)
+        return (entries, counts, self._procs_key, mine, field, entry.key, entry.value, group,
+                self._events_key, event_payload(group, entry.value, True), self._proc,
+                int(self.presence_ttl * 1000))
+
+    def _presence_watch(self) -> None:
+        """Hear every process's presence events (one more channel on the subscriber)."""
+        self._start()
+        self._start_refresher()
+        if len(self._presence_fns) != 1:
+            return
+        flag = self._confirm.setdefault(self._events_key, gevent.event.Event())
+        with self._write_lock:
+            conn = self._conn
+            if conn is not None:
+                try:
+                    conn.send_command("SUBSCRIBE", self._events_key, check_health=False)
+                    key = self._events_key
+                    self._outstanding[key] = self._outstanding.get(key, 0) + 1
+                except (self._redis.exceptions.RedisError, OSError):
+                    conn.disconnect()  # the reader reconnects, and subscribes it
+        if getcurrent() is not get_hub():
+            self._tried.wait(self.subscribe_timeout)
+            if self._up:
+                flag.wait(self.subscribe_timeout)
+
+    def _presence_joined(self, group: str, channel: Channel, entry: Entry) -> None:
+        field = f"{self._proc}:{next(self._field_seq)}"
+        self._fields[(group, channel)] = field
+        self._start_refresher()
+        if getcurrent() is get_hub():
+            gevent.spawn(self._register, group, field, entry)
+        else:
+            self._register(group, field, entry)
+
+    def _register(self, group: str, field: str, entry: Entry) -> None:
+        if self._publisher is None:
+            return
+        try:
+            _added, missing = self._eval_n(JOIN_LUA, 4, self._join_args(group, field, entry))
+        except (self._redis.exceptions.RedisError, OSError) as exc:
+            log.debug("presence join in %r not registered (the refresh will): %s", group, self._scrub(exc))
+            self._presence_dirty = True
+            return
+        if missing and self._heartbeat_sent:
+            # Our heartbeat was gone (Redis restarted, or we were reaped): our
+            # other entries may be gone too.
+            self._presence_dirty = True
+            gevent.spawn(self._refresh)
+        self._heartbeat_sent = True
+
+    def _presence_left(self, group: str, channel: Channel, entry: Entry) -> None:
+        field = self._fields.pop((group, channel), None)
+        if field is None:
+            return
+        if getcurrent() is get_hub():  # a close hook: no I/O in the hub
+            gevent.spawn(self._unregister, group, field, entry)
+        else:
+            self._unregister(group, field, entry)
+
+    def _unregister(self, group: str, field: str, entry: Entry) -> bool:
+        if self._publisher is None:
+            return False  # closed: the TTL takes the entry out
+        entries, counts, mine = self._presence_keys(group)
+        last_here = "0" if group in self._present else "1"
+        nothing_here = "0" if self._present else "1"
+        args = (entries, counts, mine, self._procs_key, field, entry.key, group, self._events_key,
+                event_payload(group, entry.value, False), last_here, self._proc, nothing_here)
+        try:
+            self._eval_n(LEAVE_LUA, 4, args)
+        except (self._redis.exceptions.RedisError, OSError) as exc:
+            log.debug("presence leave in %r not registered (the refresh will retry): %s", group, self._scrub(exc))
+            self._pending_leaves.append((group, field, entry))
+            return False
+        if nothing_here == "1":
+            self._heartbeat_sent = False  # we took our heartbeat out: the next join puts it back
+        return True
+
+    def _leave_presence_on_close(self) -> None:
+        """A closing store takes its entries out (best effort: the TTL does it otherwise)."""
+        fields, self._fields = self._fields, {}
+        if not fields or self._publisher is None or getcurrent() is get_hub():
+            return
+        present, self._present = self._present, {}
+        try:
+            for (group, channel), field in fields.items():
+                entry = present.get(group, {}).get(channel)
+                if entry is not None:
+                    self._unregister(group, field, entry)
+        finally:
+            self._pending_leaves = []
+
+    def _start_refresher(self) -> None:
+        if self._refresher is None and not self._closed:
+            self._refresher = gevent.spawn(self._refresh_loop)
+
+    def _refresh_loop(self) -> None:
+        """One refresh per ``presence_ttl / 3``: this process's heartbeat, and the reaping."""
+        while not self._closed:
+            gevent.sleep(self.presence_ttl / 3)
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Push our heartbeat, reap dead processes, re-register or retry what Redis lacks."""
+        if self._publisher is None:
+            return
+        try:
+            present = "1" if self._present else "0"
+            missing, _reaped = self._eval_n(REFRESH_LUA, 1, (
+                self._procs_key, self._proc, int(self.presence_ttl * 1000), self.prefix,
+                self._events_key, REAP_BATCH, present,
+            ))
+            pending, self._pending_leaves = self._pending_leaves, []
+            for group, field, entry in pending:
+                if not self._unregister(group, field, entry):
+                    break
+            if present == "1" and (missing and self._heartbeat_sent or self._presence_dirty):
+                self._reregister()
+        except (self._redis.exceptions.RedisError, OSError) as exc:
+            log.debug("presence refresh failed: %s", self._scrub(exc))
+
+    def _reregister(self) -> None:
+        """Every live entry of this process again, in one pipelined round trip."""
+        self._presence_dirty = False
+        snapshot = [
+            (group, field, self._present[group][channel])
+            for (group, channel), field in list(self._fields.items())
+            if channel in self._present.get(group, ())
+        ]
+        pipe = self._publisher.pipeline(transaction=False)
+        pipe.execute_command("SCRIPT LOAD", JOIN_LUA)  # gone after a restart
+        for group, field, entry in snapshot:
+            pipe.execute_command("EVALSHA", _SHAS[JOIN_LUA], 4, *self._join_args(group, field, entry))
+        try:
+            results = pipe.execute(raise_on_error=False)
+        except Exception:
+            self._presence_dirty = True
+            raise
+        if any(isinstance(r, Exception) for r in results):
+            self._presence_dirty = True
+        self._heartbeat_sent = True
+        # A channel that left while the pipeline was on its way: its leave may
+        # have run first; remove what we may have put back.
+        live = set(self._fields.values())
+        for group, field, entry in snapshot:
+            if field not in live:
+                self._unregister(group, field, entry)
+
+    def _on_presence_event(self, payload: bytes) -> None:
+        try:
+            group, key, meta, joined = decode_event(payload)
+        except Exception:
+            log.exception("undecodable presence event dropped")
+            return
+        if joined:
+            seen = self._seen.setdefault(group, set())
+            if key in seen:
+                return  # a re-registration after a Redis restart: not a new join
+            seen.add(key)
+        else:
+            seen = self._seen.get(group, set())
+            seen.discard(key)
+            if not seen:
+                self._seen.pop(group, None)
+        self._emit_presence(group, key, meta, joined)
+
     # -- history: the exactly-once join (see history.py) -----------------------------
+
+    def _eval_n(self, script: str, numkeys: int, keys_and_args: Tuple[Any, ...]) -> Any:
+        """As ``_eval``, for a script with ``numkeys`` keys."""
+        sha = _SHAS[script]
+        try:
+            return self._publisher.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+        except self._redis.exceptions.NoScriptError:
+            self._publisher.execute_command("SCRIPT LOAD", script)
+            return self._publisher.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
 
     def _eval(self, script: str, keys_and_args: Tuple[Any, ...]) -> Any:
         """Run one of history.py's scripts (two keys each): EVALSHA, one round trip.
@@ -779,6 +1031,13 @@ class RedisChannelStore(_Groups):
             client_name=f"greenchan-pub-{pid}",
         )
         self._reader = gevent.spawn(self._run)
+        # A new process (a fork) is a new process id in Redis, with nothing registered.
+        self._proc = os.urandom(8).hex()
+        self._heartbeat_sent = False
+        self._fields.clear()
+        self._refresher = None
+        if self._presence_fns:
+            self._start_refresher()
 
     def _connect(self) -> Any:
         redis = self._redis
@@ -806,6 +1065,8 @@ class RedisChannelStore(_Groups):
                     self._conn = conn
                     self._subscribed = set(self._groups)
                     keys = [self._key(g) for g in self._subscribed]
+                    if self._presence_fns:
+                        keys.append(self._events_key)
                     self._outstanding = dict.fromkeys(keys, 1)
                     for i in range(0, len(keys), 1000):
                         conn.send_command("SUBSCRIBE", *keys[i:i + 1000], check_health=False)
@@ -926,6 +1187,9 @@ class RedisChannelStore(_Groups):
             gevent.spawn(self._catch_up)
 
     def _on_message(self, key: bytes, payload: bytes) -> None:
+        if key == self._events_key:
+            self._on_presence_event(payload)
+            return
         group = key[len(self.prefix.encode()):].decode()
         if group not in self._groups:
             return  # unsubscribed while the message was on its way
