@@ -250,11 +250,33 @@ def test_redis_restart_presence_whole_again(redis_server, made):
     redis_server.start()
     wait_until(lambda: _presence_or_none(store, "room") == whole)
     assert store.presence("other") == {"u0": [None]}
-    gevent.sleep(1)  # a refresh or two: the re-registration reports no join twice
+    gevent.sleep(1.5)  # refreshes and the reconciliation: no join reported twice
     assert len(events) == 4
     for c in clients:
         c.close()
     wait_until(lambda: not redis_server.client().keys("greenchan:*presence*"))
+
+
+def test_a_leave_missed_by_the_subscriber_is_reported_once(redis_server, made):
+    """Pub/sub keeps nothing: a leave published while a process's subscriber was
+    away is reported by its reconciliation after reconnecting, once."""
+    watcher = make_store("redis", made, redis_server.url, reconnect_min=1, reconnect_max=1)
+    host = make_store("redis", made, redis_server.url)  # another "process": its own id
+    events = record(watcher)
+    server = Server(presence_app(host), port=0, ping_interval=None).start()
+    made.append(server)
+    ann = ws(server.port, "/room?ann")
+    assert ann.recv() == "joined"
+    wait_until(lambda: events == [("room", "ann", None, True)])
+
+    addr = "%s:%s" % watcher._conn._sock.getsockname()[:2]
+    redis_server.client().client_kill(addr)  # the watcher is deaf for a second
+    ann.close()
+    wait_until(lambda: host.presence("room") == {})
+    wait_until(lambda: len(events) == 2)
+    assert events[1] == ("room", "ann", None, False)
+    gevent.sleep(1.5)  # room for a wrong second report
+    assert len(events) == 2
 
 
 def _presence_or_none(store: Any, group: str) -> Any:

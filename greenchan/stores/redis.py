@@ -259,7 +259,8 @@ class RedisChannelStore(_Groups):
         self._fields: Dict[Tuple[str, Channel], str] = {}
         # group -> keys whose join this process has reported: a re-registration
         # (after a Redis restart) does not report them again.
-        self._seen: Dict[str, Set[str]] = {}
+        self._seen: Dict[str, Dict[str, Any]] = {}  # group -> {key: its meta when reported}
+        self._seen_version = 0  # events heard: a reconciliation yields to newer news
         # Leaves Redis did not take (an outage): retried by the refresh.
         self._pending_leaves: List[Tuple[str, str, Entry]] = []
         # True when Redis may lack some of our entries: the refresh re-registers.
@@ -610,17 +611,53 @@ class RedisChannelStore(_Groups):
         except Exception:
             log.exception("undecodable presence event dropped")
             return
+        self._seen_version += 1
+        self._note_presence(group, key, meta, joined)
+
+    def _note_presence(self, group: str, key: str, meta: Any, joined: bool) -> None:
+        """Report an event unless this process already did (its view: ``_seen``)."""
         if joined:
-            seen = self._seen.setdefault(group, set())
+            seen = self._seen.setdefault(group, {})
             if key in seen:
                 return  # a re-registration after a Redis restart: not a new join
-            seen.add(key)
+            seen[key] = meta
         else:
-            seen = self._seen.get(group, set())
-            seen.discard(key)
-            if not seen:
-                self._seen.pop(group, None)
+            seen = self._seen.get(group)
+            if seen is not None:
+                if key not in seen:
+                    return  # reported already (by a reconciliation)
+                del seen[key]
+                if not seen:
+                    del self._seen[group]
         self._emit_presence(group, key, meta, joined)
+
+    def _reconcile(self) -> None:
+        """After the subscriber was away: report the joins and leaves it missed.
+
+        Runs ``presence_ttl / 2`` after the reconnection, so that after a
+        Redis restart every live process has re-registered first (each within
+        one refresh, ``presence_ttl / 3``). Only groups this process has heard
+        of; a group that got an event while being read is left as it is (the
+        event is newer than the read).
+        """
+        if self._closed or not self._up:
+            return
+        for group in list(self._seen):
+            version = self._seen_version
+            try:
+                present = merge(self._publisher.hvals(self._presence_keys(group)[0]))
+            except (self._redis.exceptions.RedisError, OSError, AttributeError) as exc:
+                log.debug("presence reconciliation of %r failed: %s", group, exc)
+                return
+            if version != self._seen_version:
+                continue
+            seen = dict(self._seen.get(group, {}))
+            for key, meta in seen.items():
+                if key not in present:
+                    self._note_presence(group, key, meta, False)
+            for key, metas in present.items():
+                if key not in seen:
+                    self._note_presence(group, key, metas[0], True)
 
     # -- history: the exactly-once join (see history.py) -----------------------------
 
@@ -1185,6 +1222,8 @@ class RedisChannelStore(_Groups):
             self._sync(group)
         if self.history_size and self._groups and reconnected:
             gevent.spawn(self._catch_up)
+        if reconnected and self._seen:
+            gevent.spawn_later(self.presence_ttl / 2, self._reconcile)
 
     def _on_message(self, key: bytes, payload: bytes) -> None:
         if key == self._events_key:
