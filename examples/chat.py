@@ -55,6 +55,7 @@ class Chat:
         # than the grace) does not show the recent messages it already has twice.
         self.ids = (f"{os.urandom(4).hex()}.{n}" for n in itertools.count(1))
         self.route = with_channel(self.room)
+        self.store.on_presence(self.presence_changed)
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
         path = environ.get("PATH_INFO") or "/"
@@ -87,17 +88,24 @@ class Chat:
         # Session sends never block, so nothing said meanwhile falls between these two.
         for record in self.recent[room]:
             channel.send(record)
-        self.store.add_to_group(group, channel, user)
-        self.publish(room, {"type": "join", "user": user, "online": self.online(group)})
+        # Present as user: the join and leave records come from presence_changed.
+        self.store.add_to_group(group, channel, user, presence=user)
         channel.on_receive(lambda message: self.say(room, user, message))
-        channel.on_close(lambda status: self.publish(
-            room, {"type": "leave", "user": user, "online": self.online(group, without=channel)}))
 
-    # WHO IS ONLINE: the users of this process's members of the room. To be replaced
-    # by the store's presence (API.md, "Presence": add_to_group(..., presence=user),
-    # store.presence(group), store.on_presence) so that it covers every process.
-    def online(self, group: str, without: Any = None) -> list[str]:
-        return sorted({user for channel, user in self.store.members(group).items() if channel is not without})
+    # WHO IS ONLINE: the store's presence (docs/presence.md). on_presence runs once per
+    # user's first and last page in the room (not for a second tab) and, with a
+    # RedisChannelStore, in every process: each tells its own members, so nobody
+    # hears it twice.
+    def presence_changed(self, group: str, user: str, meta: Any, joined: bool) -> None:
+        if not group.startswith("room:"):
+            return
+        record = {"type": "join" if joined else "leave", "user": user, "online": self.online(group)}
+        payload = json.dumps(dict(record, room=group[len("room:"):], ts=time.time()))
+        for channel in self.store.members(group):
+            channel.send(payload, wait=False)  # never blocks: this may run in a close hook
+
+    def online(self, group: str) -> list[str]:
+        return sorted(self.store.presence(group))
 
     def say(self, room: str, user: str, message: Any) -> None:
         """A message from the page (JSON with a text) or from curl (plain text)."""
