@@ -211,8 +211,8 @@ def test_two_processes_and_a_sigkill(redis_server, processes):
     dan_b = ws(port_b, "/join/room?dan")
     assert [c.recv() for c in (ann_a, ann_b, cid_a, dan_b)] == ["joined"] * 4
     for port in (port_a, port_b):  # every process sees every process's members
-        assert wait_until(lambda: _get(port, "/presence/room") == {"ann": [None, None], "cid": [None], "dan": [None]})
-        assert wait_until(lambda: len(_get(port, "/events")) == 3)
+        assert wait_until(lambda p=port: _get(p, "/presence/room") == {"ann": [None, None], "cid": [None], "dan": [None]})
+        assert wait_until(lambda p=port: len(_get(p, "/events")) == 3)
         assert sorted(k for _, k, _, j in _get(port, "/events")) == ["ann", "cid", "dan"]
 
     proc_a.kill()  # SIGKILL with ann (one of two tabs) and cid attached

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Set, runtime_c
 
 from .. import counters
 from ..channel import Channel
-from .presence import Entry, PresenceFn, call_all
+from .presence import PresenceEntry, PresenceFn, call_all
 
 log = logging.getLogger("greenchan.stores")
 
@@ -57,8 +57,8 @@ class _Groups:
         self._groups: Dict[str, Dict[Channel, Any]] = {}
         # channel -> the groups it is in, so closing leaves them all in one step.
         self._memberships: Dict[Channel, Set[str]] = {}
-        # group -> {channel: its presence Entry}: this process's present channels.
-        self._present: Dict[str, Dict[Channel, Entry]] = {}
+        # group -> {channel: its presence PresenceEntry}: this process's present channels.
+        self._present: Dict[str, Dict[Channel, PresenceEntry]] = {}
         self._presence_fns: List[PresenceFn] = []
 
     # -- presence (presence.py) ----------------------------------------------------
@@ -77,7 +77,7 @@ class _Groups:
     def _emit_presence(self, group: str, key: str, meta: Any, joined: bool) -> None:
         call_all(self._presence_fns, log, group, key, meta, joined)
 
-    def _set_presence(self, group: str, channel: Channel, entry: Entry) -> None:
+    def _set_presence(self, group: str, channel: Channel, entry: PresenceEntry) -> None:
         """Make ``entry`` the presence of ``channel``, a member of ``group``."""
         entries = self._present.setdefault(group, {})
         old = entries.get(channel)
@@ -92,10 +92,10 @@ class _Groups:
     def _presence_watch(self) -> None:
         """An ``on_presence`` function was registered."""
 
-    def _presence_joined(self, group: str, channel: Channel, entry: Entry) -> None:
+    def _presence_joined(self, group: str, channel: Channel, entry: PresenceEntry) -> None:
         """``channel`` is present in ``group`` with ``entry``."""
 
-    def _presence_left(self, group: str, channel: Channel, entry: Entry) -> None:
+    def _presence_left(self, group: str, channel: Channel, entry: PresenceEntry) -> None:
         """``channel`` (with ``entry``) is no longer present in ``group``."""
 
     def _join(self, group: str, channel: Channel, attachment: Any = None) -> bool:

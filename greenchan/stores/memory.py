@@ -5,7 +5,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..channel import Channel, check_message
 from .groups import Render, _Groups
-from .presence import Entry, presence_entry
+from .presence import PresenceEntry, presence_entry
 from .history import (
     MemoryHistory,
     _observe_resume,
@@ -70,13 +70,13 @@ class MemoryChannelStore(_Groups):
             present.setdefault(entry.key, []).append(entry.meta)
         return present
 
-    def _presence_joined(self, group: str, channel: Channel, entry: Entry) -> None:
+    def _presence_joined(self, group: str, channel: Channel, entry: PresenceEntry) -> None:
         counts = self._key_counts.setdefault(group, {})
         counts[entry.key] = counts.get(entry.key, 0) + 1
         if counts[entry.key] == 1:
             self._emit_presence(group, entry.key, entry.meta, True)
 
-    def _presence_left(self, group: str, channel: Channel, entry: Entry) -> None:
+    def _presence_left(self, group: str, channel: Channel, entry: PresenceEntry) -> None:
         counts = self._key_counts.get(group, {})
         left = counts.get(entry.key, 0) - 1
         if left > 0:

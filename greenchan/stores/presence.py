@@ -53,7 +53,7 @@ PresenceFn = Callable[[str, str, Any, bool], None]
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
-class Entry(Tuple[str, Any, bytes]):
+class PresenceEntry(Tuple[str, Any, bytes]):
     """(key, meta, the JSON ``[key, meta]``): one channel's presence, checked once."""
 
     __slots__ = ()
@@ -71,7 +71,7 @@ class Entry(Tuple[str, Any, bytes]):
         return self[2]
 
 
-def presence_entry(presence: Any) -> Entry:
+def presence_entry(presence: Any) -> PresenceEntry:
     """Check ``presence`` (a key, or ``(key, meta)``) and encode it once.
 
     Raises ``TypeError`` or ``ValueError`` saying what is wrong, before the
@@ -96,7 +96,7 @@ def presence_entry(presence: Any) -> Entry:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"presence meta must be JSON-serializable: {exc}") from None
     # What every process will see: the meta as JSON gives it back.
-    return Entry((key, json.loads(value)[1], value))
+    return PresenceEntry((key, json.loads(value)[1], value))
 
 
 def event_payload(group: str, value: bytes, joined: bool) -> bytes:

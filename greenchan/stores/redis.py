@@ -24,7 +24,7 @@ from .presence import (
     LEAVE_LUA,
     REAP_BATCH,
     REFRESH_LUA,
-    Entry,
+    PresenceEntry,
     decode_event,
     event_payload,
     merge,
@@ -262,7 +262,7 @@ class RedisChannelStore(_Groups):
         self._seen: Dict[str, Dict[str, Any]] = {}  # group -> {key: its meta when reported}
         self._seen_version = 0  # events heard: a reconciliation yields to newer news
         # Leaves Redis did not take (an outage): retried by the refresh.
-        self._pending_leaves: List[Tuple[str, str, Entry]] = []
+        self._pending_leaves: List[Tuple[str, str, PresenceEntry]] = []
         # True when Redis may lack some of our entries: the refresh re-registers.
         self._presence_dirty = False
         self._heartbeat_sent = False
@@ -456,7 +456,7 @@ class RedisChannelStore(_Groups):
         base = f"{self.prefix}{{{group}}}:presence"
         return base.encode(), (base + ":keys").encode(), f"{self.prefix}presence:proc:{self._proc}".encode()
 
-    def _join_args(self, group: str, field: str, entry: Entry) -> Tuple[Any, ...]:
+    def _join_args(self, group: str, field: str, entry: PresenceEntry) -> Tuple[Any, ...]:
         entries, counts, mine = self._presence_keys(group)
         return (entries, counts, self._procs_key, mine, field, entry.key, entry.value, group,
                 self._events_key, event_payload(group, entry.value, True), self._proc,
@@ -483,7 +483,7 @@ class RedisChannelStore(_Groups):
             if self._up:
                 flag.wait(self.subscribe_timeout)
 
-    def _presence_joined(self, group: str, channel: Channel, entry: Entry) -> None:
+    def _presence_joined(self, group: str, channel: Channel, entry: PresenceEntry) -> None:
         field = f"{self._proc}:{next(self._field_seq)}"
         self._fields[(group, channel)] = field
         self._start_refresher()
@@ -492,7 +492,7 @@ class RedisChannelStore(_Groups):
         else:
             self._register(group, field, entry)
 
-    def _register(self, group: str, field: str, entry: Entry) -> None:
+    def _register(self, group: str, field: str, entry: PresenceEntry) -> None:
         if self._publisher is None:
             return
         try:
@@ -508,7 +508,7 @@ class RedisChannelStore(_Groups):
             gevent.spawn(self._refresh)
         self._heartbeat_sent = True
 
-    def _presence_left(self, group: str, channel: Channel, entry: Entry) -> None:
+    def _presence_left(self, group: str, channel: Channel, entry: PresenceEntry) -> None:
         field = self._fields.pop((group, channel), None)
         if field is None:
             return
@@ -517,7 +517,7 @@ class RedisChannelStore(_Groups):
         else:
             self._unregister(group, field, entry)
 
-    def _unregister(self, group: str, field: str, entry: Entry) -> bool:
+    def _unregister(self, group: str, field: str, entry: PresenceEntry) -> bool:
         if self._publisher is None:
             return False  # closed: the TTL takes the entry out
         entries, counts, mine = self._presence_keys(group)
@@ -622,12 +622,12 @@ class RedisChannelStore(_Groups):
                 return  # a re-registration after a Redis restart: not a new join
             seen[key] = meta
         else:
-            seen = self._seen.get(group)
-            if seen is not None:
-                if key not in seen:
+            known = self._seen.get(group)
+            if known is not None:
+                if key not in known:
                     return  # reported already (by a reconciliation)
-                del seen[key]
-                if not seen:
+                del known[key]
+                if not known:
                     del self._seen[group]
         self._emit_presence(group, key, meta, joined)
 
