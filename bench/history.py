@@ -151,6 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=8, help="seconds at most for the latency rounds")
     ap.add_argument("--rate", type=float, default=5, help="seconds of the rate window")
     ap.add_argument("--quick", action="store_true", help="--rounds 15 --budget 4 --rate 3")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each off/on pair N times, keep each figure's best (noisy machine)")
     ap.add_argument("--json", help="also write the results to this file")
     o = ap.parse_args(argv)
     if o.quick:
@@ -163,12 +165,14 @@ def main(argv=None) -> int:
     with Redis(core="1") as redis_srv:
         for store in stores:
             for subs in subs_list:
-                pair = {}
-                for history in (0, HISTORY):  # off, then on, seconds apart: a fair ratio
-                    try:
-                        pair[history] = through_one_process(store, subs, history, o, redis_srv.url)
-                    except BenchError as exc:
-                        pair[history] = {"error": str(exc)[:500]}
+                pair: dict = {}
+                for _ in range(o.repeat):
+                    for history in (0, HISTORY):  # off, then on, seconds apart: a fair ratio
+                        try:
+                            r = through_one_process(store, subs, history, o, redis_srv.url)
+                        except BenchError as exc:
+                            r = {"error": str(exc)[:500]}
+                        pair[history] = best(pair.get(history), r)
                 results["through"][f"{store}/{subs}"] = pair
                 print(f"{store:6s} {subs:5d} subs  " + "  ".join(
                     f"h={h}: " + (f"{r['rate']:.0f}/s p50 {r['p50_ms']:.2f} ms "
@@ -186,6 +190,21 @@ def main(argv=None) -> int:
         with open(o.json, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def best(old, new: dict) -> dict:
+    """The better of two runs of one figure: the higher rate, the lower CPU and latency."""
+    if not old or "error" in old:
+        return new
+    if "error" in new:
+        return old
+    merged = dict(old)
+    merged["rate"] = max(old["rate"], new["rate"])
+    for key in ("p50_ms", "p99_ms", "cpu_ms_per_broadcast"):
+        if new.get(key) is not None and (merged.get(key) is None or new[key] < merged[key]):
+            merged[key] = new[key]
+    merged["runs"] = old.get("runs", 1) + 1
+    return merged
 
 
 def render(results: dict) -> str:

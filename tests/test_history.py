@@ -583,6 +583,10 @@ def test_exactly_once_racing_broadcasts_from_another_greenlet(make_store, server
         assert received == list(range(count))  # nothing lost, nothing doubled, in order
     assert polled == list(range(POLLED))
     assert len(results) > 100 and all(ok for _, ok in results)
+    # Nothing left behind once every client is gone.
+    wait_until(lambda: not store._groups)
+    if isinstance(store, RedisChannelStore):
+        assert store._cursors == {} and store._live == {}
 
 
 PUBLISHER = textwrap.dedent(
