@@ -86,10 +86,13 @@ def record(store: Any) -> List[Tuple[str, str, Any, bool]]:
 # -- both stores ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "redis", "redis-history"])
 def test_tabs_metas_and_events_once(kind, request, made):
-    url = request.getfixturevalue("redis_server").url if kind == "redis" else ""
-    store = make_store(kind, made, url)
+    url = request.getfixturevalue("redis_server").url if kind != "memory" else ""
+    if kind == "redis-history":
+        store = make_store("redis", made, url, history=10)
+    else:
+        store = make_store(kind, made, url)
     events = record(store)
     server = Server(presence_app(store), port=0, ping_interval=None).start()
     made.append(server)

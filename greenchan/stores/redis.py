@@ -555,9 +555,13 @@ class RedisChannelStore(_Groups):
 
     def _refresh_loop(self) -> None:
         """One refresh per ``presence_ttl / 3``: this process's heartbeat, and the reaping."""
-        while not self._closed:
+        pid = os.getpid()
+        while not self._closed and os.getpid() == pid:  # a forked child runs its own
             gevent.sleep(self.presence_ttl / 3)
-            self._refresh()
+            try:
+                self._refresh()
+            except Exception:  # the loop must outlive a surprise, or ghosts would stay
+                log.exception("presence refresh failed")
 
     def _refresh(self) -> None:
         """Push our heartbeat, reap dead processes, re-register or retry what Redis lacks."""
