@@ -62,6 +62,10 @@ def body_message(environ: dict, body: bytes) -> Any:
 class HttpTransport:
     """Carries one channel over one HTTP response; created by ``with_channel``."""
 
+    # Looked up by Channel per group message; sessions.py's transport has them.
+    send_tagged = None
+    control = None
+
     __slots__ = ("channel", "handler", "server", "options", "conn", "started", "_chunked", "_close_delimited", "_keep_alive", "_waiter", "_head", "_take_input", "_sse")
 
     def __init__(self, environ: dict, handler: Any, server: Any, options: Options) -> None:

@@ -152,6 +152,12 @@ def _refusal(environ: dict) -> Optional[Response]:
 class WebSocketTransport:
     """Carries one channel over a WebSocket; created by ``with_channel``."""
 
+    # What Channel looks up per send of a group message: found here, on the
+    # class, instead of failing a getattr per member (sessions.py has these).
+    kind = "websocket"
+    send_tagged = None
+    control = None
+
     __slots__ = (
         "channel",
         "handler",
