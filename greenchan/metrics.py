@@ -72,8 +72,8 @@ def sync() -> None:
         _add(messages_out, labels, traffic.messages_out)
         _add(bytes_in, labels, traffic.bytes_in)
         _add(bytes_out, labels, traffic.bytes_out)
-    for labels, count in list(counters.closed.items()):
-        _add(closed, labels, count)
+    for pair, count in list(counters.closed.items()):
+        _add(closed, pair, count)
     for reason, count in list(counters.rejected.items()):
         _add(rejected, (reason,), count)
     for recovered, count in counters.resumes.items():
@@ -84,16 +84,16 @@ def sync() -> None:
         # prometheus_client keeps one counter per bucket, filled as observe()
         # would; the differences go there, so a worker's histogram sums as it should.
         for i, count in enumerate(durations.buckets):
-            key = (broadcast_seconds, (store, i))
-            delta = count - _pushed.get(key, 0)
+            bucket: Tuple[Any, ...] = (broadcast_seconds, (store, i))
+            delta = count - _pushed.get(bucket, 0)
             if delta:
                 child._buckets[i].inc(delta)
-                _pushed[key] = count
-        key = (broadcast_seconds, (store, "sum"))
-        delta = durations.sum - _pushed.get(key, 0)
-        if delta:
-            child._sum.inc(delta)
-            _pushed[key] = durations.sum
+                _pushed[bucket] = count
+        total: Tuple[Any, ...] = (broadcast_seconds, (store, "sum"))
+        grown = durations.sum - _pushed.get(total, 0)
+        if grown:
+            child._sum.inc(grown)
+            _pushed[total] = durations.sum
     for store in list(counters.stores):
         store_up.labels(type(store).__name__).set(1 if getattr(store, "_up", True) else 0)
 

@@ -104,6 +104,9 @@ class Handler(pywsgi.WSGIHandler):
     # pywsgi's attributes, typed here for mypy (None once the handler is done).
     socket: Any
     close_connection: bool
+    rfile: Any
+    wsgi_input: Any
+    time_finish: float
     _deadline: Optional[Timeout] = None
     _detached = False
     # True while waiting for a request line: an idle keep-alive connection,
@@ -405,6 +408,8 @@ class Handler(pywsgi.WSGIHandler):
 
 class _Replay(io.RawIOBase):
     """A raw stream that returns some bytes already read, then the socket's."""
+
+    _rfile: Any
 
     def __init__(self, data: bytes, rfile: Any) -> None:
         super().__init__()

@@ -25,7 +25,7 @@ from websockets.server import ServerProtocol
 
 from .channel import Channel, CloseStatus, Event
 from . import frames
-from .frames import ENGINE, ENGINE_END, MESSAGES_LAST, MORE, TOO_LONG
+from .frames import ENGINE, ENGINE_END, MESSAGES_LAST, MORE
 from .connection import Connection
 from .options import Options
 from .server import HANDLER_KEY, RESPONDED_KEY, UPGRADE_KEY
