@@ -49,6 +49,10 @@ class Relay:
         """The network is back: new connections go through again."""
         self.is_cut = False
 
+    def retarget(self, port: int) -> None:
+        """Send new connections to ``port`` (a server that took over); open ones are untouched."""
+        self.target = (self.target[0], port)
+
     def stop(self) -> None:
         self.cut()
         self.server.stop(timeout=1)
