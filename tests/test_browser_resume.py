@@ -70,7 +70,8 @@ def app(environ, start_response):
     if path == "/greenchan.js":
         return greenchan.static.javascript(environ, start_response)
     if path == "/page":
-        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(PAGE)))])
+        headers = [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(PAGE)))]
+        start_response("200 OK", headers)
         return [PAGE]
     start_response("204 No Content", [])
     return [b""]
@@ -99,11 +100,13 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def two_processes(tmp_path: Any, redis_server: Any) -> Iterator[tuple[list[int], list[subprocess.Popen]]]:  # noqa: F811
+def two_processes(
+    tmp_path: Any, redis_server: Any  # noqa: F811
+) -> Iterator[tuple[list[int], list[subprocess.Popen]]]:
     script = tmp_path / "resume_app.py"
     script.write_text(APP)
-    procs = [subprocess.Popen([sys.executable, str(script), redis_server.url], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    command = [sys.executable, str(script), redis_server.url]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     try:
         ports = []
         for proc in procs:
@@ -130,7 +133,9 @@ def _broadcast(store: RedisChannelStore, n: int, pace: float) -> None:
 
 
 @pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll"])
-def test_a_killed_process_and_the_room_resumes_on_the_other(browser, two_processes, redis_server, transport):  # noqa: F811
+def test_a_killed_process_and_the_room_resumes_on_the_other(
+    browser, two_processes, redis_server, transport  # noqa: F811
+):
     (a, b), procs = two_processes
     relay = Relay(a).start()
     publisher = RedisChannelStore(redis_server.url, history=1000)
@@ -184,4 +189,5 @@ def _describe(got: list[str]) -> str:
     numbers = [int(x) for x in got if x.isdigit()]
     missing = sorted(set(range(1, N + 1)) - set(numbers))
     doubled = sorted({x for x in numbers if numbers.count(x) > 1})
-    return f"{len(got)} messages; missing {missing[:20]}; twice {doubled[:20]}; other {[x for x in got if not x.isdigit()][:5]}"
+    other = [x for x in got if not x.isdigit()]
+    return f"{len(got)} messages; missing {missing[:20]}; twice {doubled[:20]}; other {other[:5]}"
