@@ -659,8 +659,11 @@ class Channel:
                         self._transport.close(1011, "internal error", CloseStatus.INTERNAL_ERROR)
                 if self._state is CLOSED or not self.is_websocket or self._on_receive is None:
                     break
+                # _recent is left to the sweep: clearing it here, after every
+                # message, let the sweep release busy dispatchers every second, and
+                # their replacements (a greenlet each) brought on full collections
+                # (bench/findings.md: echo p99 6-9 -> 1-2 ms at 5k msg/s).
                 self._parked = waiter = Waiter()
-                self._recent = False
                 _park(self)
                 try:
                     waiter.get()

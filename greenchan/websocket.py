@@ -12,6 +12,7 @@ import codecs
 import io
 import logging
 import socket
+import time
 from typing import Any, Dict, Optional, Sequence
 from urllib.parse import urlsplit
 
@@ -535,7 +536,19 @@ class WebSocketTransport:
             # behind what was held, and must be seen.
             self.resume_reading()
             self._close_timer = get_hub().loop.timer(self.options.close_timeout)
-            self._close_timer.start(self.abort)
+            deadline = time.monotonic() + self.options.send_timeout + self.options.close_timeout
+            self._close_timer.start(self._close_expired, deadline)
+
+    def _close_expired(self, deadline: float) -> None:
+        """No close reply within ``close_timeout``: cut. Unless our close frame is
+        still queued behind data the client has not taken yet: a client gets
+        ``send_timeout`` to read what was sent before the close, as any slow reader
+        does, and cutting it earlier would drop those messages."""
+        conn = self.conn
+        if conn is not None and not conn.closed and conn._out_size and time.monotonic() < deadline:
+            self._close_timer.start(self._close_expired, deadline)
+            return
+        self.abort()
 
     def shutdown(self) -> None:
         """The server is stopping: 503 before the handshake, 1001 after it."""

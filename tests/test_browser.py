@@ -287,7 +287,8 @@ def test_backoff_queue_limit_and_drops(browser, chat_server):
             base = min(200, 40 * 2**attempt)
             assert base * 0.5 <= delay <= base, (attempt, delay)
         assert log["open"] == 0
-        assert page.evaluate("window.c.state") == "reconnecting"
+        # Between two attempts, or in one (the delays are at most 200 ms): never open.
+        assert page.evaluate("window.c.state") in ("reconnecting", "connecting")
 
         page.evaluate("window.c.close()")
         log = page.evaluate("window.log")
