@@ -1220,7 +1220,7 @@ class RedisChannelStore(_Groups):
         self._tried.set()
         if self._outage_logged or self._auth_logged:
             self._outage_logged = self._auth_logged = False
-            log.info("Redis at %s is back; resubscribed %d group(s)", self.url, len(self._subscribed))
+            log.warning("Redis at %s is back; resubscribed %d group(s)", self.url, len(self._subscribed))
         # Groups that came or went while the bulk SUBSCRIBE was on its way.
         for group in set(self._groups) ^ self._subscribed:
             self._sync(group)
