@@ -67,6 +67,7 @@ from websockets.http11 import Response as _HandshakeResponse
 from websockets.uri import parse_uri
 
 from .channel import Channel, ChannelClosed, CloseStatus, Event
+from .http import body_message
 from .server import Server
 
 __all__ = ["TestClient", "Rejected", "Response", "wait_for"]
@@ -1191,19 +1192,8 @@ class _SseParser:
 
 
 def _decode(body: bytes, content_type: str) -> Message:
-    """As greenchan hands a request body to a handler: ``str`` for text/* and JSON, else ``bytes``."""
-    ctype = content_type.lower()
-    if not (ctype.startswith("text/") or ctype.startswith("application/json")):
-        return body
-    charset = "utf-8"
-    for param in ctype.split(";")[1:]:
-        key, _, value = param.strip().partition("=")
-        if key == "charset" and value:
-            charset = value.strip('"')
-    try:
-        return body.decode(charset)
-    except (LookupError, UnicodeDecodeError):
-        return body
+    """As greenchan hands a response body to a handler: ``str`` for text/* and JSON, else ``bytes``."""
+    return body_message({"CONTENT_TYPE": content_type}, body)
 
 
 def _from_json(frame: Any) -> Any:
