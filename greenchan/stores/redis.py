@@ -811,13 +811,24 @@ class RedisChannelStore(RedisPresence, _Groups):
             client_name=f"greenchan-pub-{pid}",
         )
         self._reader = gevent.spawn(self._run)
-        # A new process (a fork) is a new process id in Redis, with nothing registered.
-        self._proc = os.urandom(8).hex()
-        self._heartbeat_sent = False
-        self._fields.clear()
-        self._refresher = None
-        if self._presence_fns:
-            self._start_refresher()
+        self._presence_forked()
+
+    def _watch_events(self) -> None:
+        """Subscribe to the presence events; from a greenlet, wait for Redis to confirm."""
+        flag = self._confirm.setdefault(self._events_key, gevent.event.Event())
+        with self._write_lock:
+            conn = self._conn
+            if conn is not None:
+                try:
+                    conn.send_command("SUBSCRIBE", self._events_key, check_health=False)
+                    key = self._events_key
+                    self._outstanding[key] = self._outstanding.get(key, 0) + 1
+                except (self._redis.exceptions.RedisError, OSError):
+                    conn.disconnect()  # the reader reconnects, and subscribes it
+        if getcurrent() is not get_hub():
+            self._tried.wait(self.subscribe_timeout)
+            if self._up:
+                flag.wait(self.subscribe_timeout)
 
     def _connect(self) -> Any:
         redis = self._redis

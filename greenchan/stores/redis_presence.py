@@ -91,22 +91,17 @@ class RedisPresence:
         """Hear every process's presence events (one more channel on the subscriber)."""
         self._start()
         self._start_refresher()
-        if len(self._presence_fns) != 1:
-            return
-        flag = self._confirm.setdefault(self._events_key, gevent.event.Event())
-        with self._write_lock:
-            conn = self._conn
-            if conn is not None:
-                try:
-                    conn.send_command("SUBSCRIBE", self._events_key, check_health=False)
-                    key = self._events_key
-                    self._outstanding[key] = self._outstanding.get(key, 0) + 1
-                except (self._redis.exceptions.RedisError, OSError):
-                    conn.disconnect()  # the reader reconnects, and subscribes it
-        if getcurrent() is not get_hub():
-            self._tried.wait(self.subscribe_timeout)
-            if self._up:
-                flag.wait(self.subscribe_timeout)
+        if len(self._presence_fns) == 1:
+            self._watch_events()
+
+    def _presence_forked(self) -> None:
+        """A new process (a fork) is a new process id in Redis, with nothing registered."""
+        self._proc = os.urandom(8).hex()
+        self._heartbeat_sent = False
+        self._fields.clear()
+        self._refresher = None
+        if self._presence_fns:
+            self._start_refresher()
 
     def _presence_joined(self, group: str, channel: Channel, entry: PresenceEntry) -> None:
         field = f"{self._proc}:{next(self._field_seq)}"
