@@ -272,7 +272,7 @@ def test_a_leave_missed_by_the_subscriber_is_reported_once(redis_server, made):
     assert ann.recv() == "joined"
     wait_until(lambda: events == [("room", "ann", None, True)])
 
-    addr = "%s:%s" % watcher._conn._sock.getsockname()[:2]
+    addr = "%s:%s" % watcher._links[None].conn._sock.getsockname()[:2]
     redis_server.client().client_kill(addr)  # the watcher is deaf for a second
     ann.close()
     wait_until(lambda: host.presence("room") == {})

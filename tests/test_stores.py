@@ -63,8 +63,13 @@ def assert_empty(store: Any) -> None:
     assert store._groups == {}
     assert store._memberships == {}
     if isinstance(store, RedisChannelStore):
-        assert store._subscribed == set()
-        assert store._confirm == {}
+        assert not subscribed(store)
+        assert not any(link.confirm for link in store._links.values())
+
+
+def subscribed(store: Any) -> set:
+    """The channels a Redis store is subscribed to, on all its connections."""
+    return set().union(*(link.subscribed for link in store._links.values()))
 
 
 @pytest.fixture
@@ -394,7 +399,7 @@ def _many_groups(servers, store, r) -> None:
         c.close()
     wait_until(lambda: not store._groups)
     if r is not None:  # unsubscribing happens in the background
-        wait_until(lambda: r.pubsub_channels() == [] and not store._subscribed)
+        wait_until(lambda: r.pubsub_channels() == [] and not subscribed(store))
     assert_empty(store)
 
 
@@ -423,7 +428,7 @@ def test_redis_in_process_exactly_once_and_render(redis_server, servers, stores)
     a.close()
     b.close()
     wait_until(lambda: not store._groups)
-    wait_until(lambda: redis_server.client().pubsub_channels() == [] and not store._subscribed)
+    wait_until(lambda: redis_server.client().pubsub_channels() == [] and not subscribed(store))
     assert_empty(store)
 
 
@@ -598,7 +603,7 @@ def test_redis_restart_mid_run(redis_server, servers, stores, caplog):
 
     client.close()
     wait_until(lambda: not store._groups)
-    wait_until(lambda: redis_server.client().pubsub_channels() == [] and not store._subscribed)
+    wait_until(lambda: redis_server.client().pubsub_channels() == [] and not subscribed(store))
     assert_empty(store)
 
 
@@ -608,7 +613,7 @@ def test_store_close_stops_everything(redis_server, stores):
     r = redis_server.client()
     assert any(c["name"].startswith("greenchan-sub-") for c in r.client_list())
     store.close()
-    assert store._reader is None
+    assert store._links == {}
     wait_until(lambda: not any(c["name"].startswith("greenchan-") for c in r.client_list()))
     with pytest.raises(RuntimeError, match="closed"):
         store.broadcast("room", "x")
@@ -833,10 +838,10 @@ def test_redis_rejoin_right_after_the_last_leave_is_prompt(redis_server, servers
     assert store.members("room") == {}
     with gevent.Timeout(TIMEOUT, AssertionError("add_to_group stalled on a confirmation nothing sets")):
         store.add_to_group("room", channel)  # joined again at once
-    assert store._confirm == {}
+    assert not any(link.confirm for link in store._links.values())
     assert store.broadcast("room", "after rejoin") == 1
     assert client.recv() == "after rejoin"
     wait_until(lambda: dict(redis_server.client().pubsub_numsub("greenchan:room")) == {b"greenchan:room": 1})
     client.close()
-    wait_until(lambda: not store._groups and not store._subscribed)
+    wait_until(lambda: not store._groups and not subscribed(store))
     assert_empty(store)

@@ -356,7 +356,8 @@ class MemoryHistory:
 # KEYS: the group's stream, its meta hash (e: epoch, m-n: its newest message).
 # ARGV: the pub/sub channel, the payload, history size, ttl in ms (0: none), an
 # epoch to begin if the group has none (Redis lost it, or never had it), how long
-# in ms the meta outlives the last message (with a ttl).
+# in ms the meta outlives the last message (with a ttl), and how to publish
+# (PUBLISH, or SPUBLISH on a cluster: the channel shares the keys' hash slot).
 PUBLISH_LUA = """
 local meta = redis.call('HMGET', KEYS[2], 'e', 'm', 'n')
 local epoch, ms, n = meta[1], tonumber(meta[2]) or 0, tonumber(meta[3]) or 0
@@ -376,7 +377,7 @@ if ARGV[4] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
 end
-return redis.call('PUBLISH', ARGV[1], 'h' .. epoch .. ':' .. sid .. ' ' .. ARGV[2])
+return redis.call(ARGV[7], ARGV[1], 'h' .. epoch .. ':' .. sid .. ' ' .. ARGV[2])
 """
 
 # A consistent look at a group's history: its epoch (begun if asked and there is

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import logging
 import os
 import re
@@ -18,6 +17,7 @@ from .. import counters
 from ..channel import Channel
 from .codec import decode, encode
 from .groups import Render, _Groups
+from .subscriber import Subscriber
 from .presence import JOIN_LUA, LEAVE_LUA, REFRESH_LUA, presence_entry
 from .redis_presence import RedisPresence
 from .history import (
@@ -149,7 +149,7 @@ class RedisChannelStore(RedisPresence, _Groups):
 
     def __init__(
         self,
-        url: str = "redis://127.0.0.1:6379/0",
+        url: Any = "redis://127.0.0.1:6379/0",
         render: Optional[Render] = None,
         *,
         prefix: str = "greenchan:",
@@ -193,50 +193,48 @@ class RedisChannelStore(RedisPresence, _Groups):
         # What each broadcast passes the publish script, encoded once.
         self._publish_args = [str(history).encode(), str(self._ttl_ms).encode(), str(self._retention_ms).encode()]
         # What logs and errors show; the real URL stays private.
+        # A Redis Cluster: a URL redis+cluster:// (rediss+cluster:// with TLS),
+        # or a redis.cluster.RedisCluster already made.
+        self._cluster_client: Any = None
+        if isinstance(url, redis.cluster.RedisCluster):
+            self._cluster_client, url = url, "redis+cluster://%s:%s" % _first_node(url)
+        elif not isinstance(url, str):
+            raise TypeError(f"RedisChannelStore takes a Redis URL or a redis.cluster.RedisCluster, not {type(url).__name__}")
+        self._cluster = urlsplit(url).scheme.lower() in ("redis+cluster", "rediss+cluster")
+        if self._cluster and ("{" in prefix or "}" in prefix):
+            raise ValueError(
+                f"prefix {prefix!r} has a brace: on a Redis Cluster the group's name in braces "
+                "decides its shard, and a brace in the prefix would put every group on one"
+            )
+        # What logs and errors show; the real URL stays private.
         self.url = redact(url)
         self._url = url
         self._secrets = _secrets(url)
         self.max_message_size = max_message_size
         self.prefix = prefix
+        self._prefix = prefix.encode()
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self.socket_timeout = socket_timeout
         self.subscribe_timeout = subscribe_timeout
         self._redis = redis
-        # Set when the reader greenlet's connection is subscribed and confirmed;
-        # broadcast refuses while it is not, since this process's own members
-        # would silently miss the message.
-        self._up = False
-        # Set after the first connection attempt, so that a broadcast right
-        # after start waits for it instead of failing.
-        self._tried = gevent.event.Event()
-        self._conn: Any = None  # the subscriber connection, while connected
-        self._subscribed: Set[str] = set()  # groups SUBSCRIBEd on _conn
-        # Redis channel -> flag set when its SUBSCRIBE is confirmed.
-        self._confirm: Dict[bytes, gevent.event.Event] = {}
-        # Redis channel -> SUBSCRIBEs sent on _conn not yet confirmed: a flag is
-        # set only when the last one is, so a confirmation that answers an
-        # earlier SUBSCRIBE (before a leave and a rejoin) does not count.
-        self._outstanding: Dict[bytes, int] = {}
-        # Several greenlets write on the one subscriber socket; one at a time.
-        self._write_lock = gevent.lock.RLock()
-        self._reader: Optional[gevent.Greenlet] = None
+        # The subscriber connections (subscriber.py): the home one (None), for
+        # everything on one Redis and for the presence events on a cluster, and
+        # on a cluster one per master owning a group with members here.
+        self._links: Dict[Any, Subscriber] = {}
+        # group -> the subscriber it is subscribed on (a cluster's shard)
+        self._placed: Dict[str, Subscriber] = {}
+        # One look at a changed cluster at a time; another is due if asked meanwhile.
+        self._rebalance_lock = gevent.lock.Semaphore()
+        self._rebalance_due = False
         self._publisher: Any = None
         self._pid = 0
         self._closed = False
-        # True between sending the PING that ends a (re)subscription and its reply.
-        self._ping_pending = False
-        # An outage is logged once at WARNING, its end once at INFO.
-        self._outage_logged = False
         # Set while Redis refuses our credentials: what broadcast raises; the
         # ERROR is logged once per such episode.
         self._auth_error: Optional[str] = None
         self._auth_logged = False
         counters.stores.add(self)  # greenchan_store_up, the health check
-        # Whether the subscriber was ever up in this process: a reconnection then
-        # means a gap that the history can fill (a catch-up).
-        self._ever_up = False
-        self._delay = reconnect_min
         self._init_presence(prefix, presence_ttl)
 
     # -- public ------------------------------------------------------------------
@@ -259,14 +257,19 @@ class RedisChannelStore(RedisPresence, _Groups):
         payload = encode(message)
         self._check_size(payload)
         self._start()
-        if not self._up:
-            self._tried.wait(self.socket_timeout)
-        if not self._up:
+        # This process's own members would silently miss a message published
+        # while their subscription is down: refuse it, and the caller knows.
+        link = self._placed.get(group) if self._cluster else self._links.get(None)
+        if link is not None and not link.up:
+            link.tried.wait(self.socket_timeout)
+            if not link.up:
+                raise self._down_error()
+        if self._publisher is None:
             raise self._down_error()
         exceptions = self._redis.exceptions
         try:
             if not self.history_size:
-                return int(self._publisher.publish(self._key(group), payload))
+                return int(self._publisher.execute_command(self._publish_verb, self._key(group), payload))
             # One round trip: number, keep and publish in one script.
             size, ttl, retention = self._publish_args
             keys = self._keys.get(group)
@@ -276,14 +279,14 @@ class RedisChannelStore(RedisPresence, _Groups):
                 history_key, meta_key = self._history_keys(group)
                 keys = self._keys[group] = (history_key, meta_key, self._key(group))
             stream, meta, channel = keys
-            args = (stream, meta, channel, payload, size, ttl, new_epoch(), retention)
+            args = (stream, meta, channel, payload, size, ttl, new_epoch(), retention, self._publish_verb)
             return int(self._eval(PUBLISH_LUA, args))
         except exceptions.AuthenticationError as exc:
             raise exceptions.AuthenticationError(
                 f"PUBLISH to {self.url}: authentication failed ({self._scrub(exc)}); "
                 "check the user and password in the store's URL; the message was not sent"
             ) from None
-        except (exceptions.ConnectionError, exceptions.TimeoutError, OSError) as exc:
+        except self._down_errors as exc:
             # Scrubbed, and not chained: the original text is not ours to trust.
             raise exceptions.ConnectionError(
                 f"PUBLISH to {self.url} failed: {self._scrub(exc)}"
@@ -384,12 +387,15 @@ class RedisChannelStore(RedisPresence, _Groups):
         refresher, self._refresher = self._refresher, None
         if refresher is not None:
             refresher.kill(block=False)
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.kill(block=True, timeout=self.socket_timeout)
-        self._drop_connection()
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
+        self._placed.clear()
         if self._publisher is not None:
-            self._publisher.connection_pool.disconnect()
+            if self._cluster:
+                self._publisher.close()
+            else:
+                self._publisher.connection_pool.disconnect()
             self._publisher = None
         for channel in list(self._memberships):
             channel._remove_close_hook(self._channel_closed)
@@ -397,10 +403,6 @@ class RedisChannelStore(RedisPresence, _Groups):
         self._groups.clear()
         self._cursors.clear()
         self._live.clear()
-        for flag in self._confirm.values():
-            flag.set()
-        self._confirm.clear()
-        self._up = False
 
     # -- history: the exactly-once join (see history.py) -----------------------------
 
@@ -607,8 +609,8 @@ class RedisChannelStore(RedisPresence, _Groups):
         if live is not None and live.epoch == cursor.epoch and live.seq == cursor.seq:
             self._forget_cursor(group, channel)
 
-    def _catch_up(self) -> None:
-        """After a reconnection: give every member what was published while we were away.
+    def _catch_up(self, groups: List[str]) -> None:
+        """After a reconnection: give ``groups``' members what was published while we were away.
 
         The same steps as a join, for all members of each group at once: their
         cursors buffer, one snapshot per group, a replay after each member's own
@@ -618,7 +620,9 @@ class RedisChannelStore(RedisPresence, _Groups):
         """
         with self._catch_up_lock:
             lost: Dict[str, int] = {}
-            for group in list(self._groups):
+            for group in groups:
+                if group not in self._groups:
+                    continue
                 try:
                     self._catch_up_group(group, lost)
                 except Exception:
@@ -686,61 +690,70 @@ class RedisChannelStore(RedisPresence, _Groups):
                     self._flush(group, channel, members.get(channel), cursor)
                     self._settle(group, channel, cursor)
 
-    # -- subscriptions -------------------------------------------------------------
+    # -- subscriptions (the connections themselves: subscriber.py) -------------------
 
     def _key(self, group: str) -> bytes:
-        return (self.prefix + group).encode()
+        """The pub/sub channel of ``group``; on a cluster, in braces: the group's slot."""
+        return (self.prefix + ("{%s}" % group if self._cluster else group)).encode()
 
-    # A flag in _confirm means "a SUBSCRIBE for this key is due or on its way";
-    # the reader sets and removes it when Redis confirms. A group still in
-    # _subscribed without a flag is subscribed and confirmed.
+    def _group_of(self, key: bytes) -> str:
+        name = key[len(self._prefix):].decode()
+        return name[1:-1] if self._cluster else name
+
+    def _check_group(self, group: Any) -> None:
+        super()._check_group(group)
+        if self._cluster and group.startswith("}"):
+            # "{}..." is no hash tag: the group's keys would fall on different shards.
+            raise ValueError(f"on a Redis Cluster a group's name cannot start with '}}': {group!r}")
+
+    def _link(self, group: str) -> Optional[Subscriber]:
+        """The subscriber ``group`` is (to be) subscribed on; None while the cluster is unknown."""
+        if not self._cluster:
+            return self._links.get(None)
+        link = self._placed.get(group)
+        if link is None and group in self._groups:
+            node = self._owner(group)
+            if node is not None:
+                link = self._placed[group] = self._shard(node)
+        return link
+
+    def _wants(self, link: Subscriber, key: bytes) -> bool:
+        """Whether ``link`` should be subscribed to ``key`` now."""
+        if key == self._events_key:
+            return link is self._links.get(None) and bool(self._presence_fns)
+        if link.sharded != self._cluster:
+            return False
+        group = self._group_of(key)
+        return group in self._groups and (not self._cluster or self._placed.get(group) is link)
+
+    def _wanted(self, link: Subscriber) -> List[bytes]:
+        """Every channel ``link`` should be subscribed to: what it subscribes on connecting."""
+        keys = []
+        if link.sharded == self._cluster:
+            keys = [self._key(g) for g in self._groups if not self._cluster or self._placed.get(g) is link]
+        if self._presence_fns and link is self._links.get(None):
+            keys.append(self._events_key)
+        return keys
 
     def _group_created(self, group: str) -> None:
-        if group in self._subscribed:
+        link = self._link(group)
+        if link is None:
+            return  # the cluster is unreachable: placed when it is back
+        key = self._key(group)
+        if key in link.subscribed:
             # Joined again before the UNSUBSCRIBE of its last leave went out
             # (deferred from the hub, or waiting for the write lock): the
-            # subscription never stopped. A flag, if any, is set by the
-            # confirmation still on its way; a new one would wait for nothing.
+            # subscription never stopped.
             return
-        key = self._key(group)
-        if key not in self._confirm:
-            self._confirm[key] = gevent.event.Event()
-        self._sync(group)
+        link.expect(key)
+        link.sync(key)
 
     def _group_removed(self, group: str) -> None:
-        if group not in self._subscribed:
-            # No SUBSCRIBE is on its way for it: wake whoever waits.
-            flag = self._confirm.pop(self._key(group), None)
-            if flag is not None:
-                flag.set()
-        self._sync(group)
-
-    def _sync(self, group: str) -> None:
-        """Make the subscription of ``group`` match whether it has local members."""
-        if (group in self._groups) == (group in self._subscribed) or self._conn is None:
-            return  # nothing to do, or the reconnection will subscribe what is due
-        if getcurrent() is get_hub():  # a close hook in the hub: no I/O here
-            gevent.spawn(self._sync, group)
-            return
-        with self._write_lock:
-            conn = self._conn
-            want = group in self._groups
-            if conn is None or want == (group in self._subscribed):
-                return
-            try:
-                conn.send_command("SUBSCRIBE" if want else "UNSUBSCRIBE", self._key(group), check_health=False)
-            except (self._redis.exceptions.RedisError, OSError) as exc:
-                log.debug("subscription change for %r failed: %s", group, exc)
-                conn.disconnect()  # the reader sees it and reconnects
-                return
-            if want:
-                self._subscribed.add(group)
-                key = self._key(group)
-                self._outstanding[key] = self._outstanding.get(key, 0) + 1
-            else:
-                self._subscribed.discard(group)
-
-    # -- the reader greenlet ------------------------------------------------------
+        link = self._placed.pop(group, None) if self._cluster else self._links.get(None)
+        if link is not None:
+            key = self._key(group)
+            link.release(key)
+            link.sync(key)
 
     def _wait_subscribed(self, group: str) -> bool:
         """Wait until Redis confirmed ``group``'s subscription; True if it is in effect.
@@ -750,17 +763,132 @@ class RedisChannelStore(RedisPresence, _Groups):
         """
         if getcurrent() is get_hub():
             return False
+        link = self._link(group)
+        if link is None:
+            return False
         key = self._key(group)
-        flag = self._confirm.get(key)
-        if flag is not None:
-            if not self._tried.is_set():  # just started: wait for the first connection
-                self._tried.wait(self.subscribe_timeout)
-            if self._up and not flag.wait(self.subscribe_timeout):
-                log.warning(
-                    "Redis did not confirm the subscription to group %r within subscribe_timeout "
-                    "(%s s): a broadcast made now may miss its new member", group, self.subscribe_timeout,
-                )
-        return self._up and group in self._subscribed and key not in self._confirm
+        if link.wait(key, self.subscribe_timeout):
+            return True
+        if link.up and key in link.confirm:
+            log.warning(
+                "Redis did not confirm the subscription to group %r within subscribe_timeout "
+                "(%s s): a broadcast made now may miss its new member", group, self.subscribe_timeout,
+            )
+        return False
+
+    def _watch_events(self) -> None:
+        """Subscribe to the presence events; from a greenlet, wait for Redis to confirm."""
+        home = self._links.get(None)
+        if home is None:
+            return
+        home.expect(self._events_key)
+        home.sync(self._events_key)
+        if getcurrent() is not get_hub():
+            home.wait(self._events_key, self.subscribe_timeout)
+
+    @property
+    def _up(self) -> bool:
+        """Every subscriber connection is up (``greenchan_store_up``, the health check)."""
+        links = list(self._links.values())
+        return bool(links) and all(link.up for link in links)
+
+    # -- a cluster: which master owns a group, and following it when that changes ------
+
+    def _owner(self, group: str) -> Optional[Tuple[str, int]]:
+        """(host, port) of the master owning ``group``'s slot, as the cluster client knows it."""
+        if self._publisher is None:
+            return None
+        try:
+            node = self._publisher.get_node_from_key(self._key(group))
+        except Exception as exc:  # a slot no node covers (a failover), or no topology yet
+            log.debug("no owner known for group %r: %s", group, exc)
+            return None
+        return (node.host, node.port)
+
+    def _shard(self, node: Tuple[str, int]) -> Subscriber:
+        link = self._links.get(node)
+        if link is None:
+            link = self._links[node] = Subscriber(self, node, sharded=True)
+        return link
+
+    def _shard_moved(self, link: Subscriber, key: bytes) -> None:
+        """A master unsubscribed us from ``key``: its slot moved. Follow it."""
+        log.info("Redis Cluster moved group %r away from %s:%s; following it", self._group_of(key), *link.node)
+        self._rebalance_soon()
+
+    def _link_down(self, link: Subscriber) -> None:
+        """A subscriber connection failed: on a cluster, its master may have changed."""
+        if self._cluster and not self._closed:
+            self._rebalance()
+
+    def _rebalance_soon(self) -> None:
+        self._rebalance_due = True
+        if not self._rebalance_lock.locked():
+            gevent.spawn(self._rebalance)
+
+    def _rebalance(self) -> None:
+        """Read the cluster's slots again, and move each group to the master that owns it.
+
+        A group that moved (a failover, a resharding) or that a master
+        unsubscribed is subscribed on its new owner; once that is confirmed, its
+        members get from the history what was published in between (a catch-up,
+        as after an outage). Masters left with no group here are let go.
+        """
+        with self._rebalance_lock:
+            self._rebalance_due = True
+            while self._rebalance_due and not self._closed:
+                self._rebalance_due = False
+                moved = self._replace()
+                for group in moved:
+                    link = self._placed.get(group)
+                    if link is not None:
+                        link.wait(self._key(group), self.subscribe_timeout)
+                moved = [g for g in moved if g in self._groups]
+                if moved and self.history_size:
+                    self._catch_up(moved)
+                elif moved:
+                    log.warning(
+                        "Redis Cluster moved %d group(s) of this process to another master "
+                        "(%s): messages published to them meanwhile are lost for this "
+                        "process's members (the store keeps no history)",
+                        len(moved), ", ".join(sorted(moved)[:10]),
+                    )
+
+    def _replace(self) -> List[str]:
+        """Place every group on its owner's subscriber; the groups whose subscription moved."""
+        try:
+            if self._publisher is None:
+                self._publisher = self._new_publisher()
+            else:
+                self._publisher.nodes_manager.initialize()
+        except Exception as exc:  # unreachable or failing over: the next attempt
+            log.debug("reading the Redis Cluster's slots failed: %s", self._scrub(exc))
+            return []
+        moved = []
+        for group in list(self._groups):
+            node = self._owner(group)
+            old = self._placed.get(group)
+            if node is None:
+                continue
+            new = self._shard(node)
+            key = self._key(group)
+            if old is not new:
+                self._placed[group] = new
+                if old is not None:
+                    old.release(key)
+                    old.sync(key)
+            elif key in new.subscribed:
+                continue
+            moved.append(group)
+            new.expect(key)
+            new.sync(key)
+        for node, link in list(self._links.items()):
+            if node is not None and not self._wanted(link):
+                del self._links[node]
+                link.close(block=False)
+        return moved
+
+    # -- connections -----------------------------------------------------------------
 
     def _check_size(self, payload: bytes) -> None:
         """Refuse a message Redis would cut every subscriber for (see the class docstring)."""
@@ -789,51 +917,86 @@ class RedisChannelStore(RedisPresence, _Groups):
             f"Redis at {self.url} cannot be reached (reconnecting); the message was not sent"
         )
 
+    @property
+    def _down_errors(self) -> Tuple[type, ...]:
+        """What a command raises when Redis (or a cluster's shard) cannot take it now."""
+        exceptions = self._redis.exceptions
+        return (exceptions.ConnectionError, exceptions.TimeoutError, OSError, exceptions.ClusterError,
+                exceptions.RedisClusterException, exceptions.TryAgainError)
+
+    @property
+    def _publish_verb(self) -> str:
+        return "SPUBLISH" if self._cluster else "PUBLISH"
+
+    def _plain_url(self) -> str:
+        """The URL as redis-py reads it: redis+cluster://h:p is redis://h:p (one node)."""
+        scheme, rest = self._url.split("://", 1)
+        return scheme.lower().replace("+cluster", "") + "://" + rest
+
+    def _new_publisher(self) -> Any:
+        redis = self._redis
+        if not self._cluster:
+            return redis.Redis.from_url(
+                self._url,
+                socket_timeout=self.socket_timeout,
+                socket_connect_timeout=self.socket_timeout,
+                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+                client_name=f"greenchan-pub-{os.getpid()}",
+            )
+        if self._cluster_client is not None:
+            return self._cluster_client
+        # A few attempts, no sleeping: enough to follow a MOVED after a resharding
+        # or a failover, and a broadcast during an outage still fails fast.
+        return redis.cluster.RedisCluster.from_url(
+            self._plain_url(),
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.socket_timeout,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 3),
+            client_name=f"greenchan-pub-{os.getpid()}",
+        )
+
     def _start(self) -> None:
-        """Start the reader greenlet (again after a fork)."""
+        """Start the subscriber connections (again after a fork)."""
         if self._closed:
             raise RuntimeError("this RedisChannelStore is closed")
         pid = os.getpid()
-        if self._pid == pid and self._reader is not None:
+        if self._pid == pid and self._links:
             return
         self._pid = pid
-        self._ever_up = False
-        self._conn = None
-        self._subscribed = set()
-        self._up = False
-        self._tried = gevent.event.Event()
-        redis = self._redis
-        self._publisher = redis.Redis.from_url(
-            self._url,
-            socket_timeout=self.socket_timeout,
-            socket_connect_timeout=self.socket_timeout,
-            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
-            client_name=f"greenchan-pub-{pid}",
-        )
-        self._reader = gevent.spawn(self._run)
+        for link in self._links.values():  # a parent's, after a fork: not ours to close
+            link.closed = True
+        self._links = {}
+        self._placed = {}
+        try:
+            self._publisher = self._new_publisher()
+        except Exception as exc:  # a cluster unreachable now: the home subscriber retries
+            log.debug("connecting to the Redis Cluster at %s failed: %s", self.url, self._scrub(exc))
+            self._publisher = None
+        self._links[None] = Subscriber(self, None, sharded=False)
+        for group in list(self._groups):
+            self._group_created(group)
         self._presence_forked()
 
-    def _watch_events(self) -> None:
-        """Subscribe to the presence events; from a greenlet, wait for Redis to confirm."""
-        flag = self._confirm.setdefault(self._events_key, gevent.event.Event())
-        with self._write_lock:
-            conn = self._conn
-            if conn is not None:
-                try:
-                    conn.send_command("SUBSCRIBE", self._events_key, check_health=False)
-                    key = self._events_key
-                    self._outstanding[key] = self._outstanding.get(key, 0) + 1
-                except (self._redis.exceptions.RedisError, OSError):
-                    conn.disconnect()  # the reader reconnects, and subscribes it
-        if getcurrent() is not get_hub():
-            self._tried.wait(self.subscribe_timeout)
-            if self._up:
-                flag.wait(self.subscribe_timeout)
-
-    def _connect(self) -> Any:
+    def _connect(self, link: Subscriber) -> Any:
+        """A new connection for ``link``: to the store's Redis, or to a cluster node."""
         redis = self._redis
-        kwargs = redis.connection.parse_url(self._url)
+        kwargs = redis.connection.parse_url(self._plain_url())
         cls = kwargs.pop("connection_class", redis.connection.Connection)
+        if self._cluster:
+            if self._publisher is None:
+                self._publisher = self._new_publisher()
+            if self._cluster_client is not None:  # its options, not a URL's
+                node = self._cluster_client.get_default_node()
+                kwargs = dict(node.redis_connection.connection_pool.connection_kwargs)
+                cls = node.redis_connection.connection_pool.connection_class
+                for injected in ("redis_connect_func", "oss_cluster_maint_notifications_handler"):
+                    kwargs.pop(injected, None)
+            kwargs.pop("db", None)
+            if link.node is not None:
+                kwargs["host"], kwargs["port"] = link.node
+            else:  # the home connection: any master hears the presence events
+                node = self._publisher.get_node_from_key(self._events_key)
+                kwargs["host"], kwargs["port"] = node.host, node.port
         kwargs.update(
             socket_timeout=None,  # the reader waits for messages as long as it takes
             socket_connect_timeout=self.socket_timeout,
@@ -844,109 +1007,37 @@ class RedisChannelStore(RedisPresence, _Groups):
         conn.connect()
         return conn
 
-    def _run(self) -> None:
-        """Connect, subscribe, read; on failure back off and do it again."""
-        errors = (self._redis.exceptions.RedisError, OSError)
-        auth_failed = self._redis.exceptions.AuthenticationError
-        self._delay = self.reconnect_min
-        while not self._closed:
-            try:
-                conn = self._connect()
-                with self._write_lock:
-                    self._conn = conn
-                    self._subscribed = set(self._groups)
-                    keys = [self._key(g) for g in self._subscribed]
-                    if self._presence_fns:
-                        keys.append(self._events_key)
-                    self._outstanding = dict.fromkeys(keys, 1)
-                    for i in range(0, len(keys), 1000):
-                        conn.send_command("SUBSCRIBE", *keys[i:i + 1000], check_health=False)
-                    # Redis answers in order: the PING's reply means every
-                    # SUBSCRIBE above is in effect, and the store is up.
-                    conn.send_command("PING", check_health=False)
-                    self._ping_pending = True
-                self._read(conn)
-            except auth_failed as exc:
-                self._lost()
-                self._auth_failed(exc)
-            except errors as exc:
-                self._outage(self._lost(), exc)
-            except Exception:
-                log.exception("RedisChannelStore reader failed; reconnecting")
-                self._drop_connection()
-                self._up = False
-            self._tried.set()
-            gevent.sleep(self._delay)
-            self._delay = min(self._delay * 2, self.reconnect_max)
+    def _where(self, link: Subscriber) -> str:
+        return self.url if link.node is None else "%s (master %s:%s)" % (self.url, *link.node)
 
-    def _read(self, conn: Any) -> None:
-        """Read the subscriber connection until it fails."""
-        # RESP3 (redis-py 5's option, 8's default) delivers pub/sub replies as
-        # push messages, which read_response swallows unless asked for them.
-        params = inspect.signature(conn.read_response).parameters
-        kwargs = {"push_request": True} if "push_request" in params else {}
-        while True:
-            reply = conn.read_response(**kwargs)
-            if isinstance(reply, list) and reply:
-                kind = reply[0]
-                if kind == b"message":
-                    self._on_message(reply[1], reply[2])
-                    continue
-                if kind == b"subscribe":
-                    self._confirmed(reply[1])
-                    continue
-                if kind != b"pong":
-                    continue
-            elif reply != b"PONG":
-                continue
-            if self._ping_pending:
-                self._connected()
-
-    def _confirmed(self, key: bytes) -> None:
-        """Redis confirmed a SUBSCRIBE of ``key``: once the last one is, wake the joiners."""
-        left = self._outstanding.get(key, 1) - 1
-        if left > 0:
-            self._outstanding[key] = left
-            return
-        self._outstanding.pop(key, None)
-        flag = self._confirm.pop(key, None)
-        if flag is not None:
-            flag.set()
-
-    def _lost(self) -> bool:
-        """Drop the subscriber connection; True if the store was up until now."""
-        was_up = self._up
-        self._drop_connection()
-        self._up = False
-        return was_up
-
-    def _outage(self, was_up: bool, exc: Exception) -> None:
+    def _outage(self, link: Subscriber, was_up: bool, exc: Exception) -> None:
         """Log an outage once: as a loss if members were being served, else as unreachable."""
-        if self._outage_logged:
-            log.debug("reconnecting to Redis at %s failed: %s", self.url, self._scrub(exc))
+        if link.outage_logged:
+            log.debug("reconnecting to Redis at %s failed: %s", self._where(link), self._scrub(exc))
             return
-        self._outage_logged = True
-        if was_up and self._groups and self.history_size:
+        link.outage_logged = True
+        groups = len(self._wanted(link)) if link.sharded == self._cluster else 0
+        if was_up and groups and self.history_size:
             log.warning(
                 "lost the subscriber connection to Redis at %s (%s): messages published to "
                 "this process's %d group(s) while it is disconnected will be replayed to its "
                 "members from the history when it is back, as far as the history still has "
                 "them (if it followed a burst of large broadcasts, Redis cut it for "
                 "client-output-buffer-limit pubsub); broadcasts raise ConnectionError until "
-                "then; reconnecting", self.url, self._scrub(exc), len(self._groups),
+                "then; reconnecting", self._where(link), self._scrub(exc), groups,
             )
-        elif was_up and self._groups:
+        elif was_up and groups:
             log.warning(
                 "lost the subscriber connection to Redis at %s (%s): messages published to "
                 "this process's %d group(s) while it is disconnected are lost for this "
                 "process's members (if it followed a burst of large broadcasts, Redis cut it "
                 "for client-output-buffer-limit pubsub); broadcasts raise ConnectionError "
-                "until it is back; reconnecting", self.url, self._scrub(exc), len(self._groups),
+                "until it is back; reconnecting", self._where(link), self._scrub(exc), groups,
             )
         else:
             log.warning(
                 "Redis at %s unreachable (%s): broadcasts raise ConnectionError "
-                "until it is back; reconnecting", self.url, self._scrub(exc),
+                "until it is back; reconnecting", self._where(link), self._scrub(exc),
             )
 
     def _auth_failed(self, exc: Exception) -> None:
@@ -960,30 +1051,28 @@ class RedisChannelStore(RedisPresence, _Groups):
         self._auth_logged = True
         log.error("%s; broadcasts raise AuthenticationError until it accepts them; retrying", self._auth_error)
 
-    def _connected(self) -> None:
-        """Every SUBSCRIBE sent on connecting is in effect: the store is up."""
-        self._ping_pending = False
-        reconnected, self._ever_up = self._ever_up, True
-        self._up = True
+    def _link_up(self, link: Subscriber, reconnected: bool) -> None:
+        """Every subscription ``link`` sent on connecting is in effect."""
         self._auth_error = None
-        self._delay = self.reconnect_min
-        self._tried.set()
-        if self._outage_logged or self._auth_logged:
-            self._outage_logged = self._auth_logged = False
-            log.warning("Redis at %s is back; resubscribed %d group(s)", self.url, len(self._subscribed))
-        # Groups that came or went while the bulk SUBSCRIBE was on its way.
-        for group in set(self._groups) ^ self._subscribed:
-            self._sync(group)
-        if self.history_size and self._groups and reconnected:
-            gevent.spawn(self._catch_up)
-        if reconnected and self._seen:
+        if link.outage_logged or self._auth_logged:
+            link.outage_logged = self._auth_logged = False
+            log.warning("Redis at %s is back; resubscribed %d channel(s)", self._where(link), len(link.subscribed))
+        # Channels that came or went while the subscriptions were on their way.
+        for key in set(self._wanted(link)) ^ link.subscribed:
+            link.sync(key)
+        if self._cluster and link.node is None and reconnected:
+            self._rebalance_soon()  # the cluster was away: its masters may have changed
+        groups = [self._group_of(k) for k in link.subscribed if k != self._events_key]
+        if self.history_size and groups and reconnected:
+            gevent.spawn(self._catch_up, groups)
+        if link.node is None and reconnected and self._seen:
             gevent.spawn_later(self.presence_ttl / 2, self._reconcile)
 
     def _on_message(self, key: bytes, payload: bytes) -> None:
         if key == self._events_key:
             self._on_presence_event(payload)
             return
-        group = key[len(self.prefix.encode()):].decode()
+        group = self._group_of(key)
         if group not in self._groups:
             return  # unsubscribed while the message was on its way
         try:
@@ -1003,13 +1092,7 @@ class RedisChannelStore(RedisPresence, _Groups):
             return
         self._deliver(group, data)
 
-    def _drop_connection(self) -> None:
-        with self._write_lock:
-            conn, self._conn = self._conn, None
-            self._subscribed = set()
-            self._outstanding = {}
-        if conn is not None:
-            try:
-                conn.disconnect()
-            except Exception:
-                pass
+
+def _first_node(client: Any) -> Tuple[str, int]:
+    node = client.get_default_node()
+    return node.host, node.port
