@@ -22,7 +22,7 @@ import requests
 import websocket
 
 from greenchan import Channel, Event, MemoryChannelStore, RedisChannelStore, Server, with_channel
-from greenchan.stores import history as history_module
+from greenchan.stores import encode, history as history_module
 
 from redis_server import redis_server  # noqa: F401  (a fixture)
 
@@ -439,6 +439,31 @@ def test_lost_subscriber_connection_is_caught_up_from_history(redis_server, serv
     finally:
         store.close()
         other.close()
+
+
+def test_a_message_the_subscription_missed_comes_from_the_history(redis_server, servers):  # noqa: F811
+    """A pub/sub message lost with the connection still up (a cluster's shard changing
+    hands) shows as a gap in the numbers: the members get it from the history first."""
+    store = RedisChannelStore(redis_server.url, history=100)
+    results: List[Tuple[str, bool]] = []
+    try:
+        server = servers(join_app(store, results))
+        client = ws(server.port, "/room")
+        wait_until(lambda: results)
+        store.broadcast("room", "0")
+        assert client.recv() == "0"
+        stream, meta = store._history_keys("room")
+        size, ttl, retention = store._publish_args
+        for lost in ("1", "2"):  # numbered and kept, published where nobody listens
+            store._eval(history_module.PUBLISH_LUA, (stream, meta, b"nowhere", encode(lost), size, ttl,
+                                                     history_module.new_epoch(), retention, "PUBLISH"))
+        store.broadcast("room", "3")
+        assert [client.recv() for _ in range(3)] == ["1", "2", "3"]  # once each, in order
+        store.broadcast("room", "4")
+        assert client.recv() == "4"
+        client.close()
+    finally:
+        store.close()
 
 
 def test_lost_subscriber_past_the_history_is_told_and_gets_what_is_kept(redis_server, servers, caplog, calls):  # noqa: F811

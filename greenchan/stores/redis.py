@@ -254,6 +254,8 @@ class RedisChannelStore(RedisPresence, _Groups):
                 "RedisChannelStore.broadcast got a function: a function cannot cross "
                 "processes; pass data and give the store render=fn(channel, attachment, data)"
             )
+        if self._cluster:
+            self._check_group(group)
         payload = encode(message)
         self._check_size(payload)
         self._start()
@@ -576,6 +578,10 @@ class RedisChannelStore(RedisPresence, _Groups):
         if live is None:
             live = self._live[group] = Cursor()
             live.buffer = None
+        # A message skipped (lost between two subscriptions, as when a cluster's
+        # master hands over its shard): the members wait for it from the history.
+        gap = live.epoch == epoch and seq > live.seq + 1
+        held = self._hold(group) if gap else None
         live.moved(epoch, sid, seq, ms)
         cursors = self._cursors.get(group)
         render = self.render
@@ -601,7 +607,19 @@ class RedisChannelStore(RedisPresence, _Groups):
                 log.exception("broadcast to %r in group %r failed", channel, group)
         if cursors is not None and not cursors:
             del self._cursors[group]
+        if held:
+            gevent.spawn(self._fill_gap, group, held)
         return sent
+
+    def _fill_gap(self, group: str, held: List[Tuple[Channel, Cursor]]) -> None:
+        with self._catch_up_lock:
+            lost: Dict[str, int] = {}
+            try:
+                self._fill(group, held, lost)
+            except Exception:
+                log.exception("filling a gap in group %r from the history failed", group)
+            if lost:
+                log.warning("%d member(s) of group %r missed messages the history no longer has", lost[group], group)
 
     def _settle(self, group: str, channel: Channel, cursor: Cursor) -> None:
         """A live member whose position is the group's, as read here: in step, no cursor."""
@@ -637,6 +655,10 @@ class RedisChannelStore(RedisPresence, _Groups):
 
     def _catch_up_group(self, group: str, lost: Dict[str, int]) -> None:
         """One group's catch-up: buffer, one snapshot, each member from its own position."""
+        self._fill(group, self._hold(group), lost)
+
+    def _hold(self, group: str) -> List[Tuple[Channel, Cursor]]:
+        """Every member of ``group`` buffers from its position; no yield. The cursors."""
         members = self._groups.get(group, {})
         own = self._cursors.setdefault(group, {})
         live = self._live.get(group)
@@ -651,6 +673,11 @@ class RedisChannelStore(RedisPresence, _Groups):
         cursors = [(ch, c) for ch, c in own.items() if c.buffer is None]
         for _, cursor in cursors:
             cursor.buffer = []
+        return cursors
+
+    def _fill(self, group: str, cursors: List[Tuple[Channel, Cursor]], lost: Dict[str, int]) -> None:
+        """Replay to the held members what they missed, then their buffers: live again."""
+        members = self._groups.get(group, {})
         try:
             snap: Optional[Snapshot] = None
             entries: Iterable[Entry] = ()
@@ -975,7 +1002,21 @@ class RedisChannelStore(RedisPresence, _Groups):
         self._links[None] = Subscriber(self, None, sharded=False)
         for group in list(self._groups):
             self._group_created(group)
+        if self._cluster:
+            gevent.spawn(self._watch_cluster, pid)
         self._presence_forked()
+
+    #: Seconds between two looks at a cluster's slots. A killed master or a moved
+    #: slot is noticed at once (a dropped connection, an unsubscription); this
+    #: finds what no connection tells, such as a master that became a replica
+    #: (Redis 7.0 keeps its shard subscribers, fed by replication).
+    CLUSTER_CHECK = 5.0
+
+    def _watch_cluster(self, pid: int) -> None:
+        while not self._closed and self._pid == pid:  # a forked child runs its own
+            gevent.sleep(self.CLUSTER_CHECK)
+            if self._groups and not self._closed and self._pid == pid:
+                self._rebalance_soon()
 
     def _connect(self, link: Subscriber) -> Any:
         """A new connection for ``link``: to the store's Redis, or to a cluster node."""
@@ -1068,13 +1109,17 @@ class RedisChannelStore(RedisPresence, _Groups):
         if link.node is None and reconnected and self._seen:
             gevent.spawn_later(self.presence_ttl / 2, self._reconcile)
 
-    def _on_message(self, key: bytes, payload: bytes) -> None:
+    def _on_message(self, link: Subscriber, key: bytes, payload: bytes) -> None:
         if key == self._events_key:
             self._on_presence_event(payload)
             return
         group = self._group_of(key)
         if group not in self._groups:
             return  # unsubscribed while the message was on its way
+        if self._cluster and self._placed.get(group) is not link:
+            # Moving to another master: until the old one lets go, both send
+            # it. The new one's is delivered; a gap in between, caught up.
+            return
         try:
             if payload[:1] != b"h":
                 data = decode(payload)

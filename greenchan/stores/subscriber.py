@@ -174,6 +174,8 @@ class Subscriber:
             except (exceptions.RedisError, OSError) as exc:
                 store._outage(self, self.drop(), exc)
             except Exception:
+                if self.closed:  # closed under it: its connection is gone
+                    break
                 log.exception("RedisChannelStore reader failed; reconnecting")
                 self.drop()
             self.tried.set()
@@ -195,7 +197,7 @@ class Subscriber:
             if isinstance(reply, list) and reply:
                 kind = reply[0]
                 if kind == b"message" or kind == b"smessage":
-                    on_message(reply[1], reply[2])
+                    on_message(self, reply[1], reply[2])
                     continue
                 if kind == b"subscribe" or kind == b"ssubscribe":
                     self._confirmed(reply[1])
