@@ -72,7 +72,8 @@ def presence_app(store: Any) -> Any:
 
 
 def make_store(kind: str, made: List[Any], url: str = "", **kwargs: Any) -> Any:
-    store = MemoryChannelStore() if kind == "memory" else RedisChannelStore(url, presence_ttl=2, **kwargs)
+    kwargs.setdefault("presence_ttl", 2)
+    store = MemoryChannelStore() if kind == "memory" else RedisChannelStore(url, **kwargs)
     made.append(store)
     return store
 
@@ -312,3 +313,120 @@ def test_a_thousand_channels_leave_nothing(kind, request, made):
         r = server_redis.client()
         wait_until(lambda: not [k for k in r.keys("*") if b"presence" in k])
         assert not store._fields
+
+
+# -- a process deemed dead, and the reapers (presence.py, "A process that was paused") --
+
+
+def test_a_paused_process_is_reaped_and_comes_back(redis_server, processes):
+    """SIGSTOP past the TTL: the other process reaps it (one leave); SIGCONT: it finds
+    its heartbeat gone and registers again under a new id (one join), in both processes."""
+    proc_a, port_a = processes(redis_server.url, 1)
+    _, port_b = processes(redis_server.url, 1)
+    ann = ws(port_a, "/join/room?ann")
+    bob = ws(port_b, "/join/room?bob")
+    assert [ann.recv(), bob.recv()] == ["joined"] * 2
+    both = {"ann": [None], "bob": [None]}
+    for port in (port_a, port_b):
+        wait_until(lambda p=port: _get(p, "/presence/room") == both and len(_get(p, "/events")) == 2)
+
+    proc_a.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: _get(port_b, "/presence/room") == {"bob": [None]})
+        wait_until(lambda: len(_get(port_b, "/events")) == 3)
+    finally:
+        proc_a.send_signal(signal.SIGCONT)
+    wait_until(lambda: _get(port_b, "/presence/room") == both)
+    for port in (port_a, port_b):  # a heard its own leave on resuming, then its join
+        wait_until(lambda p=port: len(_get(p, "/events")) == 4)
+        assert _get(port, "/events")[2:] == [["room", "ann", None, False], ["room", "ann", None, True]]
+    assert _get(port_a, "/presence/room") == both
+
+    ann.close()  # the channel lived through it all: its leave, once
+    wait_until(lambda: _get(port_b, "/presence/room") == {"bob": [None]})
+    bob.close()
+    wait_until(lambda: _get(port_b, "/presence/room") == {})
+    gevent.sleep(1.5)  # more refreshes: a wrong extra event would show up
+    for port in (port_a, port_b):
+        assert [e[1:] for e in _get(port, "/events")[4:]] == [["ann", None, False], ["bob", None, False]]
+    wait_until(lambda: not redis_server.client().keys("t:*"))
+
+
+def _claim(client: Any, store: Any, dead: str, lease_ms: int) -> List[bytes]:
+    """Take ``dead`` out of the heartbeats as a reaper would, and stop there (a reaper
+    that is slow, or dies); its entries, as the refresh script hands them over."""
+    from greenchan.stores.presence import REFRESH_LUA
+
+    def claimed() -> Any:
+        reply = client.eval(REFRESH_LUA, 2, store._procs_key, store._reapings_key, "a-reaper", 1000, 0,
+                            16, lease_ms, store._entries_prefix, store._reaping_prefix)
+        return dict(zip(reply[1::2], reply[2::2])).get(dead.encode())
+
+    return wait_until(claimed)
+
+
+@pytest.mark.parametrize("reaper_first", [False, True])
+def test_a_reaper_and_the_process_it_reaps_meet_once(redis_server, made, reaper_first):
+    """The race of presence.py: a process deemed dead comes back while a reaper is
+    on its entries. Whichever runs first in the group, each change is reported once
+    and the entry is there in the end, under the process's new id."""
+    paused = make_store("redis", made, redis_server.url, presence_ttl=1)
+    watcher = make_store("redis", made, redis_server.url, presence_ttl=60)  # its own refreshes: far off
+    events = record(watcher)
+    server = Server(presence_app(paused), port=0, ping_interval=None).start()
+    made.append(server)
+    ann = ws(server.port, "/room?ann")
+    assert ann.recv() == "joined"
+    wait_until(lambda: events == [("room", "ann", None, True)])
+
+    paused._refresher.kill()  # paused: no heartbeat from now on
+    old = paused._proc
+    entries = _claim(redis_server.client(), paused, old, 60_000)
+    if reaper_first:
+        watcher._reap(old, entries)
+        wait_until(lambda: len(events) == 2)
+    paused._refresh()  # it comes back: heartbeat gone, a new id, its entry moved or added
+    assert paused._proc != old
+    if not reaper_first:
+        watcher._reap(old, entries)  # finds nothing of the old id left
+    paused._refresher = None
+    paused._start_refresher()
+
+    assert watcher.presence("room") == {"ann": [None]}
+    fields = redis_server.client().hkeys("greenchan:{room}:presence")
+    assert [f.decode().split(":")[0] for f in fields] == [paused._proc]
+    expected = [("room", "ann", None, True)]
+    if reaper_first:
+        expected += [("room", "ann", None, False), ("room", "ann", None, True)]
+    wait_until(lambda: len(events) == len(expected))
+    ann.close()
+    expected.append(("room", "ann", None, False))
+    wait_until(lambda: len(events) == len(expected))
+    gevent.sleep(0.5)  # room for a wrong extra event
+    assert events == expected
+    wait_until(lambda: not redis_server.client().keys("greenchan:*presence*"))
+
+
+def test_a_reaper_that_dies_midway_is_taken_over(redis_server, made):
+    """A reaper that took a dead process and died before its leaves: once its lease
+    runs out, another process's refresh takes the reaping over; each leave once."""
+    dead = make_store("redis", made, redis_server.url, presence_ttl=1)
+    reaper = make_store("redis", made, redis_server.url, presence_ttl=1)
+    events = record(reaper)
+    server = Server(presence_app(dead), port=0, ping_interval=None).start()
+    made.append(server)
+    clients = [ws(server.port, path) for path in ("/room?ann", "/room?bob", "/hall?ann")]
+    assert [c.recv() for c in clients] == ["joined"] * 3
+    wait_until(lambda: len(events) == 3)
+
+    dead._refresher.kill()  # it dies (its channels stay open: nobody takes them out but a reaper)
+    _claim(redis_server.client(), dead, dead._proc, 500)  # and the first reaper dies too
+    wait_until(lambda: reaper.presence("room") == {} and reaper.presence("hall") == {})
+    wait_until(lambda: len(events) == 6)
+    gevent.sleep(1)  # more refreshes: a second reaper's extra leave would show up
+    assert sorted(e for e in events if not e[3]) == [
+        ("hall", "ann", None, False), ("room", "ann", None, False), ("room", "bob", None, False)]
+    r = redis_server.client()
+    wait_until(lambda: not r.keys("greenchan:{presence}:reaping*"))
+    for c in clients:
+        c.close()

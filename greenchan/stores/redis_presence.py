@@ -1,37 +1,55 @@
 """Presence on Redis: the part of ``RedisChannelStore`` that keeps who is in a group.
 
-The data layout and the scripts are in presence.py; this mixin runs them. It
-relies on the store for the connection (``_publisher``, ``_eval_n``), the
-subscriber (``_watch_events``) and the error text (``_scrub``).
+The data layout, the scripts and why each step is safe are in presence.py;
+this mixin runs them, the same way on a single Redis and on a Redis Cluster
+(every script's keys share one hash slot). It relies on the store for the
+connection (``_publisher``: a ``redis.Redis`` or a ``redis.cluster.RedisCluster``,
+which routes a script by its keys), the subscriber (``_watch_events``) and the
+error text (``_scrub``).
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
+import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import gevent
-import gevent.event
+import gevent.lock
+import gevent.pool
 from gevent.hub import get_hub, getcurrent
 
 from ..channel import Channel
 from .presence import (
+    CHUNK,
     JOIN_LUA,
     LEAVE_LUA,
+    PROC_LUA,
     REAP_BATCH,
+    REAPED_LUA,
     REFRESH_LUA,
+    SHAS,
     PresenceEntry,
     decode_event,
-    event_payload,
+    event_head,
     merge,
 )
 
 log = logging.getLogger("greenchan.stores")
 
-# EVALSHA names a script by its SHA-1 (the re-registration pipelines the join script).
-_JOIN_SHA = hashlib.sha1(JOIN_LUA.encode()).hexdigest()
+#: Group scripts in flight at once when re-registering a process's entries.
+_PARALLEL = 16
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _note(group: str, key: str) -> bytes:
+    """What a process's entries hash keeps of an entry: what a reaper needs."""
+    return json.dumps([group, key], separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class RedisPresence:
@@ -41,22 +59,38 @@ class RedisPresence:
         if not isinstance(presence_ttl, (int, float)) or presence_ttl <= 0:
             raise ValueError(f"presence_ttl is a number of seconds > 0, not {presence_ttl!r}")
         self.presence_ttl = presence_ttl
-        self._procs_key = (prefix + "presence:procs").encode()
+        self._ttl_arg = int(presence_ttl * 1000)
+        # The processes' keys: one hash tag, one slot (presence.py).
+        self._procs_key = (prefix + "{presence}:procs").encode()
+        self._reapings_key = (prefix + "{presence}:reaping").encode()
+        self._entries_prefix = prefix + "{presence}:proc:"
+        self._reaping_prefix = prefix + "{presence}:reaping:"
         self._events_key = (prefix + "presence:events").encode()
-        self._proc = ""  # this process's id in Redis: drawn in _start, per process
+        self._proc = ""  # this process's id in Redis: drawn in _start, per process, and anew when lost
         self._field_seq = itertools.count(1)
         # (group, channel) -> its field in the group's entries hash
         self._fields: Dict[Tuple[str, Channel], str] = {}
+        # (group, channel) -> its field under a lost process id, still to move
+        # to its new one (or to delete with it, if it leaves first).
+        self._moves: Dict[Tuple[str, Channel], str] = {}
         # group -> keys whose join this process has reported: a re-registration
         # (after a Redis restart) does not report them again.
         self._seen: Dict[str, Dict[str, Any]] = {}  # group -> {key: its meta when reported}
         self._seen_version = 0  # events heard: a reconciliation yields to newer news
-        # Leaves Redis did not take (an outage): retried by the refresh.
-        self._pending_leaves: List[Tuple[str, str, PresenceEntry]] = []
+        # Leaves Redis did not take (an outage): (group, field, entry, old field), retried by the refresh.
+        self._pending_leaves: List[Tuple[str, str, PresenceEntry, str]] = []
         # True when Redis may lack some of our entries: the refresh re-registers.
         self._presence_dirty = False
+        # Whether our heartbeat is in Redis as far as we know: a step that
+        # finds it gone then knows we were reaped (or Redis lost it).
         self._heartbeat_sent = False
+        # True while the refresh lets our heartbeat expire (we have nothing in
+        # Redis): then finding it gone is expected, not news.
+        self._idle = False
         self._refresher: Optional[gevent.Greenlet] = None
+        # One refresh at a time; one asked for meanwhile runs right after.
+        self._refreshing = gevent.lock.Semaphore()
+        self._refresh_again = False
 
     def presence(self, group: str) -> Dict[str, List[Any]]:
         """``{key: [meta, ...]}`` of ``group`` in every process: one ``HVALS``.
@@ -67,25 +101,93 @@ class RedisPresence:
         self._start()
         exceptions = self._redis.exceptions
         try:
-            values = self._publisher.hvals(self._presence_keys(group)[0])
+            if self._publisher is None:  # a cluster not reached yet
+                raise exceptions.ConnectionError("not connected")
+            values = self._publisher.hvals(self._group_keys(group)[0])
         except exceptions.AuthenticationError as exc:
             raise exceptions.AuthenticationError(self._scrub(exc)) from None
-        except (exceptions.ConnectionError, exceptions.TimeoutError, OSError) as exc:
+        except self._presence_errors as exc:
             raise exceptions.ConnectionError(
                 f"reading the presence of {group!r} from {self.url} failed: {self._scrub(exc)}"
             ) from None
         return merge(values)
 
-    def _presence_keys(self, group: str) -> Tuple[bytes, bytes, bytes]:
-        """The group's entries and counts hashes, and this process's set of groups."""
-        base = f"{self.prefix}{{{group}}}:presence"
-        return base.encode(), (base + ":keys").encode(), f"{self.prefix}presence:proc:{self._proc}".encode()
+    # -- Redis ---------------------------------------------------------------------
 
-    def _join_args(self, group: str, field: str, entry: PresenceEntry) -> Tuple[Any, ...]:
-        entries, counts, mine = self._presence_keys(group)
-        return (entries, counts, self._procs_key, mine, field, entry.key, entry.value, group,
-                self._events_key, event_payload(group, entry.value, True), self._proc,
-                int(self.presence_ttl * 1000))
+    @property
+    def _presence_errors(self) -> Tuple[type, ...]:
+        """What a presence step raises when Redis (or a cluster's shard) cannot take it."""
+        exceptions = self._redis.exceptions
+        return (exceptions.RedisError, exceptions.RedisClusterException, OSError)
+
+    def _run(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+        """EVALSHA one of presence.py's scripts; loaded first use and after Redis lost it.
+
+        On a cluster the call goes to the master of its keys' slot, and
+        ``SCRIPT LOAD`` to every master.
+        """
+        sha = SHAS[script]
+        try:
+            return self._publisher.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+        except self._redis.exceptions.NoScriptError:
+            self._publisher.execute_command("SCRIPT LOAD", script)
+            return self._publisher.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+
+    def _group_keys(self, group: str) -> Tuple[bytes, bytes]:
+        """The group's entries and counts hashes, in the group's slot."""
+        base = f"{self.prefix}{{{group}}}:presence"
+        return base.encode(), (base + ":keys").encode()
+
+    def _proc_step(self, add: Sequence[Tuple[str, str, str]], remove: Sequence[str]) -> bool:
+        """The processes' slot: push our heartbeat, note entries (field, group, key), forget some.
+
+        False when our heartbeat was gone: nothing was written, and we took a
+        new id (``_lost``). Only a reaper takes a heartbeat out, so "gone" is
+        never our own doing and always means what it says.
+        """
+        me = self._proc
+        args: List[Any] = [self._procs_key, self._entries_prefix + me, me, self._ttl_arg,
+                           1 if self._heartbeat_sent else 0, len(add)]
+        for field, group, key in add:
+            args += (field, _note(group, key))
+        args += remove
+        missing = self._run(PROC_LUA, 2, *args)
+        if me != self._proc:  # we changed id meanwhile: this answer is about the old one
+            return not missing
+        if missing:
+            self._lost()
+            return False
+        self._heartbeat_sent = True
+        self._idle = False
+        return True
+
+    def _lost(self) -> None:
+        """Our heartbeat is gone: reaped (paused past the TTL, or left to expire while
+        we had nothing), or Redis lost it.
+
+        A reaper may be deleting our fields right now: every entry gets a new
+        field under a new id, and the re-registration moves each old one to it
+        (presence.py, "A process that was paused").
+        """
+        if self._idle:
+            log.debug("presence: heartbeat expired while idle; a new process id")
+        else:
+            log.warning(
+                "presence: this process's heartbeat was gone from Redis (paused longer than "
+                "presence_ttl=%s s, or Redis lost its data); registering its %d channel(s) again",
+                self.presence_ttl, len(self._fields),
+            )
+        self._idle = False
+        self._proc = os.urandom(8).hex()
+        self._heartbeat_sent = False
+        for place, field in list(self._fields.items()):
+            # An older name whose move is still to do stays: the new one never reached the group.
+            self._moves.setdefault(place, field)
+            self._fields[place] = f"{self._proc}:{field.rsplit(':', 1)[1]}"
+        self._presence_dirty = True
+        self._refresh_soon()
+
+    # -- joins and leaves ----------------------------------------------------------
 
     def _presence_watch(self) -> None:
         """Hear every process's presence events (one more channel on the subscriber)."""
@@ -98,7 +200,10 @@ class RedisPresence:
         """A new process (a fork) is a new process id in Redis, with nothing registered."""
         self._proc = os.urandom(8).hex()
         self._heartbeat_sent = False
+        self._idle = False
         self._fields.clear()
+        self._moves.clear()
+        self._pending_leaves = []
         self._refresher = None
         if self._presence_fns:
             self._start_refresher()
@@ -108,56 +213,70 @@ class RedisPresence:
         self._fields[(group, channel)] = field
         self._start_refresher()
         if getcurrent() is get_hub():
-            gevent.spawn(self._register, group, field, entry)
+            gevent.spawn(self._register, group, channel, field, entry)
         else:
-            self._register(group, field, entry)
+            self._register(group, channel, field, entry)
 
-    def _register(self, group: str, field: str, entry: PresenceEntry) -> None:
-        if self._publisher is None:
+    def _register(self, group: str, channel: Channel, field: str, entry: PresenceEntry) -> None:
+        """Note the entry in the processes' slot, then put it in the group's: two scripts."""
+        if self._closed:
             return
+        if self._publisher is None:
+            self._presence_dirty = True
+            return
+        entries, counts = self._group_keys(group)
+        place = (group, channel)
+        old = ""
         try:
-            _added, missing = self._eval_n(JOIN_LUA, 4, self._join_args(group, field, entry))
-        except (self._redis.exceptions.RedisError, OSError) as exc:
+            if not self._proc_step([(field, group, entry.key)], ()):
+                # Our id was lost (the re-registration takes the other entries): this
+                # one now, under its new name, so that it is present when we return.
+                field, old = self._fields.get(place, ""), self._moves.get(place, "")
+                if not field or not self._proc_step([(field, group, entry.key)], ()):
+                    return
+            self._run(JOIN_LUA, 2, entries, counts, self._events_key, event_head(group),
+                      field, old, entry.key, entry.value)
+        except self._presence_errors as exc:
             log.debug("presence join in %r not registered (the refresh will): %s", group, self._scrub(exc))
             self._presence_dirty = True
             return
-        if missing and self._heartbeat_sent:
-            # Our heartbeat was gone (Redis restarted, or we were reaped): our
-            # other entries may be gone too.
-            self._presence_dirty = True
-            gevent.spawn(self._refresh)
-        self._heartbeat_sent = True
+        if old and self._moves.get(place) == old:
+            del self._moves[place]
+        if self._fields.get(place) != field:
+            # It left (its leave may have run first), or got a new field, on the way: take it out.
+            self._unregister(group, field, entry, "")
 
     def _presence_left(self, group: str, channel: Channel, entry: PresenceEntry) -> None:
         field = self._fields.pop((group, channel), None)
+        old = self._moves.pop((group, channel), "")
         if field is None:
             return
         if getcurrent() is get_hub():  # a close hook: no I/O in the hub
-            gevent.spawn(self._unregister, group, field, entry)
+            gevent.spawn(self._unregister, group, field, entry, old)
         else:
-            self._unregister(group, field, entry)
+            self._unregister(group, field, entry, old)
 
-    def _unregister(self, group: str, field: str, entry: PresenceEntry) -> bool:
+    def _unregister(self, group: str, field: str, entry: PresenceEntry, old: str) -> bool:
+        """Take the entry out of the group's slot (``old``: its field before an id change
+        too), then out of the processes' slot; False when Redis did not take it (retried)."""
         if self._publisher is None:
             return False  # closed: the TTL takes the entry out
-        entries, counts, mine = self._presence_keys(group)
-        last_here = "0" if group in self._present else "1"
-        nothing_here = "0" if self._present else "1"
-        args = (entries, counts, mine, self._procs_key, field, entry.key, group, self._events_key,
-                event_payload(group, entry.value, False), last_here, self._proc, nothing_here)
+        entries, counts = self._group_keys(group)
+        pairs = (field, entry.key, old, entry.key) if old else (field, entry.key)
         try:
-            self._eval_n(LEAVE_LUA, 4, args)
-        except (self._redis.exceptions.RedisError, OSError) as exc:
-            log.debug("presence leave in %r not registered (the refresh will retry): %s", group, self._scrub(exc))
-            self._pending_leaves.append((group, field, entry))
+            self._run(LEAVE_LUA, 2, entries, counts, self._events_key, event_head(group), *pairs)
+            self._proc_step((), (field,))
+        except self._presence_errors as exc:
+            log.debug("presence leave in %r not registered (the refresh will retry): %s",
+                      group, self._scrub(exc))
+            self._pending_leaves.append((group, field, entry, old))
             return False
-        if nothing_here == "1":
-            self._heartbeat_sent = False  # we took our heartbeat out: the next join puts it back
         return True
 
     def _leave_presence_on_close(self) -> None:
         """A closing store takes its entries out (best effort: the TTL does it otherwise)."""
         fields, self._fields = self._fields, {}
+        moves, self._moves = self._moves, {}
         if not fields or self._publisher is None or getcurrent() is get_hub():
             return
         present, self._present = self._present, {}
@@ -165,9 +284,11 @@ class RedisPresence:
             for (group, channel), field in fields.items():
                 entry = present.get(group, {}).get(channel)
                 if entry is not None:
-                    self._unregister(group, field, entry)
+                    self._unregister(group, field, entry, moves.get((group, channel), ""))
         finally:
             self._pending_leaves = []
+
+    # -- the refresh: heartbeat, reaping, re-registering -----------------------------
 
     def _start_refresher(self) -> None:
         if self._refresher is None and not self._closed:
@@ -183,51 +304,126 @@ class RedisPresence:
             except Exception:  # the loop must outlive a surprise, or ghosts would stay
                 log.exception("presence refresh failed")
 
+    def _refresh_soon(self) -> None:
+        if not self._closed:
+            gevent.spawn(self._refresh)
+
     def _refresh(self) -> None:
-        """Push our heartbeat, reap dead processes, re-register or retry what Redis lacks."""
-        if self._publisher is None:
+        """One refresh at a time; one asked for while it runs runs once more after it."""
+        if not self._refreshing.acquire(blocking=False):
+            self._refresh_again = True
             return
         try:
-            present = "1" if self._present else "0"
-            missing, _reaped = self._eval_n(REFRESH_LUA, 1, (
-                self._procs_key, self._proc, int(self.presence_ttl * 1000), self.prefix,
-                self._events_key, REAP_BATCH, present,
-            ))
-            pending, self._pending_leaves = self._pending_leaves, []
-            for group, field, entry in pending:
-                if not self._unregister(group, field, entry):
+            for _ in range(3):  # bounded: a refresh that keeps being asked for waits for the loop
+                self._refresh_again = False
+                self._refresh_once()
+                if not self._refresh_again:
                     break
-            if present == "1" and (missing and self._heartbeat_sent or self._presence_dirty):
+        finally:
+            self._refreshing.release()
+
+    def _refresh_once(self) -> None:
+        """Push our heartbeat, reap dead processes, retry leaves, re-register what Redis lacks."""
+        if self._publisher is None or self._closed:
+            return
+        me = self._proc
+        # With nothing in Redis we let our heartbeat expire (a reaper, maybe
+        # ourselves, takes it out): no key outlives what it stands for.
+        busy = bool(self._fields or self._pending_leaves)
+        self._idle = not busy
+        try:
+            reply = self._run(
+                REFRESH_LUA, 2, self._procs_key, self._reapings_key, me, self._ttl_arg,
+                1 if self._heartbeat_sent and busy else 0, REAP_BATCH, self._ttl_arg,
+                self._entries_prefix, self._reaping_prefix,
+            )
+            if reply[0] and me == self._proc:
+                self._lost()
+            for i in range(1, len(reply), 2):
+                self._reap(reply[i].decode(), reply[i + 1])
+            pending, self._pending_leaves = self._pending_leaves, []
+            for n, (group, field, entry, old) in enumerate(pending):
+                if not self._unregister(group, field, entry, old):
+                    self._pending_leaves += pending[n + 1:]
+                    break
+            if self._presence_dirty:
                 self._reregister()
-        except (self._redis.exceptions.RedisError, OSError) as exc:
+        except self._presence_errors as exc:
             log.debug("presence refresh failed: %s", self._scrub(exc))
 
+    def _reap(self, proc: str, flat: List[bytes]) -> None:
+        """Take a dead process's entries out of each of its groups, then forget them.
+
+        A failure leaves the rest to whoever takes the reaping when its lease
+        runs out: every step can run twice.
+        """
+        by_group: Dict[str, List[Any]] = {}
+        for i in range(0, len(flat), 2):
+            group, key = json.loads(flat[i + 1])
+            by_group.setdefault(group, []).extend((flat[i], key))
+        reaped = 0
+        for group, pairs in by_group.items():
+            entries, counts = self._group_keys(group)
+            head = event_head(group)
+            for chunk in _chunks(pairs, 2 * CHUNK):
+                reaped += self._run(LEAVE_LUA, 2, entries, counts, self._events_key, head, *chunk)
+        reaping = (self._reaping_prefix + proc).encode()
+        for chunk in _chunks(flat[::2], CHUNK):
+            self._run(REAPED_LUA, 2, self._reapings_key, reaping, proc, *chunk)
+        log.info("presence: reaped process %s (no heartbeat): %d channel(s) in %d group(s)",
+                 proc, reaped, len(by_group))
+
     def _reregister(self) -> None:
-        """Every live entry of this process again, in one pipelined round trip."""
+        """Every live entry again (moved from its field under a lost id, if it has one)."""
         self._presence_dirty = False
         snapshot = [
-            (group, field, self._present[group][channel])
+            (group, channel, field, self._moves.get((group, channel), ""), self._present[group][channel])
             for (group, channel), field in list(self._fields.items())
             if channel in self._present.get(group, ())
         ]
-        pipe = self._publisher.pipeline(transaction=False)
-        pipe.execute_command("SCRIPT LOAD", JOIN_LUA)  # gone after a restart
-        for group, field, entry in snapshot:
-            pipe.execute_command("EVALSHA", _JOIN_SHA, 4, *self._join_args(group, field, entry))
+        if not snapshot:
+            return
         try:
-            results = pipe.execute(raise_on_error=False)
-        except Exception:
+            for chunk in _chunks(snapshot, CHUNK):
+                if not self._proc_step([(f, g, e.key) for g, _, f, _, e in chunk], ()):
+                    return  # lost once more: _lost asked for another round
+        except BaseException:
             self._presence_dirty = True
             raise
-        if any(isinstance(r, Exception) for r in results):
+        by_group: Dict[str, List[Tuple[str, Channel, str, str, PresenceEntry]]] = {}
+        for item in snapshot:
+            by_group.setdefault(item[0], []).append(item)
+        failed: List[str] = []
+
+        def join(group: str, items: List[Tuple[str, Channel, str, str, PresenceEntry]]) -> None:
+            entries, counts = self._group_keys(group)
+            head = event_head(group)
+            try:
+                for chunk in _chunks(items, CHUNK):
+                    args: List[Any] = []
+                    for _, _, field, old, entry in chunk:
+                        args += (field, old, entry.key, entry.value)
+                    self._run(JOIN_LUA, 2, entries, counts, self._events_key, head, *args)
+                    for _, channel, _, old, _ in chunk:
+                        if old and self._moves.get((group, channel)) == old:
+                            del self._moves[(group, channel)]
+            except self._presence_errors as exc:
+                failed.append(self._scrub(exc))
+
+        pool = gevent.pool.Pool(_PARALLEL)
+        for group, items in by_group.items():
+            pool.spawn(join, group, items)
+        pool.join()
+        if failed:
             self._presence_dirty = True
-        self._heartbeat_sent = True
-        # A channel that left while the pipeline was on its way: its leave may
-        # have run first; remove what we may have put back.
-        live = set(self._fields.values())
-        for group, field, entry in snapshot:
-            if field not in live:
-                self._unregister(group, field, entry)
+            log.debug("presence re-registration incomplete (the next refresh retries): %s", failed[0])
+        # A channel that left (or got a new field) while we were at it: its leave
+        # may have run first; take out what we may have put back.
+        for group, channel, field, _, entry in snapshot:
+            if self._fields.get((group, channel)) != field:
+                self._unregister(group, field, entry, "")
+
+    # -- events --------------------------------------------------------------------
 
     def _on_presence_event(self, payload: bytes) -> None:
         try:
@@ -269,8 +465,8 @@ class RedisPresence:
         for group in list(self._seen):
             version = self._seen_version
             try:
-                present = merge(self._publisher.hvals(self._presence_keys(group)[0]))
-            except (self._redis.exceptions.RedisError, OSError, AttributeError) as exc:
+                present = merge(self._publisher.hvals(self._group_keys(group)[0]))
+            except (*self._presence_errors, AttributeError) as exc:
                 log.debug("presence reconciliation of %r failed: %s", group, exc)
                 return
             if version != self._seen_version:
@@ -282,4 +478,3 @@ class RedisPresence:
             for key, metas in present.items():
                 if key not in seen:
                     self._note_presence(group, key, metas[0], True)
-

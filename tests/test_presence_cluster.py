@@ -1,0 +1,174 @@
+"""Presence on a Redis Cluster (API.md, "Presence" and "Redis Cluster").
+
+A real local 3-master cluster (tests/redis_cluster.py), groups put on different
+shards, greenchan processes started as subprocesses (the app of test_presence.py);
+every wait bounded, no timing thresholds in assertions. Run them with
+
+    .venv/bin/python -m pytest tests/test_presence_cluster.py -m cluster
+"""
+from __future__ import annotations
+
+import signal
+from typing import Any, Dict, List
+
+import gevent
+import pytest
+
+from greenchan import RedisChannelStore, Server
+
+from redis_cluster import RedisCluster, group_on, redis_cluster  # noqa: F401  (a fixture)
+from test_presence import _claim, _get, presence_app, processes, record, wait_until, ws  # noqa: F401
+
+pytestmark = pytest.mark.cluster
+
+
+def three_groups(cluster: RedisCluster) -> List[str]:
+    """One group on each master, so that every step crosses shards if it can."""
+    return [group_on(cluster, port) for port in cluster.masters()]
+
+
+def keys_by_node(cluster: RedisCluster, pattern: str) -> Dict[int, List[bytes]]:
+    return {port: sorted(cluster.node_client(port).keys(pattern)) for port in cluster.masters()}
+
+
+def no_keys(cluster: RedisCluster, pattern: str) -> bool:
+    return not any(keys_by_node(cluster, pattern).values())
+
+
+@pytest.fixture
+def made():
+    things: List[Any] = []
+    yield things
+    for thing in reversed(things):
+        if isinstance(thing, Server):
+            thing.stop(timeout=1)
+        else:
+            thing.close()
+
+
+def test_two_processes_three_shards_and_a_sigkill(redis_cluster, processes):
+    g1, g2, g3 = groups = three_groups(redis_cluster)
+    proc_a, port_a = processes(redis_cluster.url, 1)
+    _, port_b = processes(redis_cluster.url, 1)
+
+    clients = {
+        "ann@a:1": ws(port_a, f"/join/{g1}?ann"),
+        "ann@a:2": ws(port_a, f"/join/{g2}?ann"),
+        "ann@b:1": ws(port_b, f"/join/{g1}?ann"),  # a second tab, in the other process
+        "bob@b:2": ws(port_b, f"/join/{g2}?bob"),
+        "bob@b:3": ws(port_b, f"/join/{g3}?bob"),
+    }
+    assert [c.recv() for c in clients.values()] == ["joined"] * 5
+    everyone = {g1: {"ann": [None, None]}, g2: {"ann": [None], "bob": [None]}, g3: {"bob": [None]}}
+    for port in (port_a, port_b):  # every process sees every process's members, on every shard
+        for group in groups:
+            wait_until(lambda p=port, g=group: _get(p, f"/presence/{g}") == everyone[g])
+        wait_until(lambda p=port: len(_get(p, "/events")) == 4)
+        assert sorted((g, k) for g, k, _, joined in _get(port, "/events") if joined) == sorted(
+            [(g1, "ann"), (g2, "ann"), (g2, "bob"), (g3, "bob")])
+
+    # Each group's keys on its own shard; the processes' keys on the {presence} one.
+    for group in groups:
+        owner = redis_cluster.master_of("{%s}" % group)
+        assert f"t:{{{group}}}:presence".encode() in keys_by_node(redis_cluster, "t:*")[owner]
+    procs_owner = redis_cluster.master_of("{presence}")
+    assert b"t:{presence}:procs" in keys_by_node(redis_cluster, "t:*")[procs_owner]
+
+    proc_a.kill()  # SIGKILL: ann's tab in g1 (another is in b) and ann's only one in g2
+    proc_a.wait(timeout=10)
+    wait_until(lambda: _get(port_b, f"/presence/{g2}") == {"bob": [None]})
+    wait_until(lambda: _get(port_b, f"/presence/{g1}") == {"ann": [None]})
+    wait_until(lambda: len(_get(port_b, "/events")) == 5)
+    gevent.sleep(1.5)  # more refreshes: a wrong second leave would show up
+    assert _get(port_b, "/events")[4:] == [[g2, "ann", None, False]]
+
+    for name in ("ann@b:1", "bob@b:2", "bob@b:3"):
+        clients[name].close()
+    for group in groups:
+        wait_until(lambda g=group: _get(port_b, f"/presence/{g}") == {})
+    wait_until(lambda: len(_get(port_b, "/events")) == 8)
+    assert sorted((g, k) for g, k, _, joined in _get(port_b, "/events")[5:]) == sorted(
+        [(g1, "ann"), (g2, "bob"), (g3, "bob")])
+    # Nothing left on any node: entries, counts, heartbeats (the dead one's too), reapings.
+    wait_until(lambda: no_keys(redis_cluster, "t:*"))
+    for c in clients.values():
+        c.close()
+
+
+def test_a_paused_process_comes_back_on_every_shard(redis_cluster, processes):
+    g1, _, g3 = three_groups(redis_cluster)
+    proc_a, port_a = processes(redis_cluster.url, 1)
+    _, port_b = processes(redis_cluster.url, 1)
+    anns = [ws(port_a, f"/join/{g}?ann") for g in (g1, g3)]
+    bob = ws(port_b, f"/join/{g1}?bob")
+    assert [c.recv() for c in (*anns, bob)] == ["joined"] * 3
+    whole = {g1: {"ann": [None], "bob": [None]}, g3: {"ann": [None]}}
+    for port in (port_a, port_b):
+        wait_until(lambda p=port: len(_get(p, "/events")) == 3)
+
+    proc_a.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: _get(port_b, f"/presence/{g1}") == {"bob": [None]})
+        wait_until(lambda: _get(port_b, f"/presence/{g3}") == {})
+        wait_until(lambda: len(_get(port_b, "/events")) == 5)
+    finally:
+        proc_a.send_signal(signal.SIGCONT)
+    for group in (g1, g3):
+        wait_until(lambda g=group: _get(port_b, f"/presence/{g}") == whole[g])
+    for port in (port_a, port_b):  # a leave and a join of ann in each group, each once
+        wait_until(lambda p=port: len(_get(p, "/events")) == 7)
+        later = _get(port, "/events")[3:]
+        for group in (g1, g3):
+            assert [joined for g, k, _, joined in later if g == group and k == "ann"] == [False, True]
+
+    for c in (*anns, bob):
+        c.close()
+    for group in (g1, g3):
+        wait_until(lambda g=group: _get(port_b, f"/presence/{g}") == {})
+    wait_until(lambda: len(_get(port_b, "/events")) == 10)
+    gevent.sleep(1.5)  # room for a wrong extra event
+    assert len(_get(port_b, "/events")) == 10
+    wait_until(lambda: no_keys(redis_cluster, "t:*"))
+
+
+@pytest.mark.parametrize("reaper_first", [False, True])
+def test_a_reaper_and_the_process_it_reaps_meet_once(redis_cluster, made, reaper_first):
+    """presence.py's race on a cluster: the process's slot and the group's are on
+    different shards; whichever reaches the group first, each change once."""
+    group = next(g for g in three_groups(redis_cluster)
+                 if redis_cluster.master_of("{%s}" % g) != redis_cluster.master_of("{presence}"))
+    paused = RedisChannelStore(redis_cluster.url, presence_ttl=1)
+    made.append(paused)
+    watcher = RedisChannelStore(redis_cluster.url, presence_ttl=60)  # its own refreshes: far off
+    made.append(watcher)
+    events = record(watcher)
+    server = Server(presence_app(paused), port=0, ping_interval=None).start()
+    made.append(server)
+    ann = ws(server.port, f"/{group}?ann")
+    assert ann.recv() == "joined"
+    wait_until(lambda: events == [(group, "ann", None, True)])
+
+    paused._refresher.kill()
+    old = paused._proc
+    entries = _claim(redis_cluster.client(), paused, old, 60_000)
+    if reaper_first:
+        watcher._reap(old, entries)
+        wait_until(lambda: len(events) == 2)
+    paused._refresh()
+    assert paused._proc != old
+    if not reaper_first:
+        watcher._reap(old, entries)
+    paused._refresher = None
+    paused._start_refresher()
+
+    assert watcher.presence(group) == {"ann": [None]}
+    expected = [(group, "ann", None, True)]
+    if reaper_first:
+        expected += [(group, "ann", None, False), (group, "ann", None, True)]
+    wait_until(lambda: len(events) == len(expected))
+    ann.close()
+    expected.append((group, "ann", None, False))
+    wait_until(lambda: len(events) == len(expected))
+    gevent.sleep(0.5)  # room for a wrong extra event
+    assert events == expected
+    wait_until(lambda: no_keys(redis_cluster, "greenchan:*presence*"))
