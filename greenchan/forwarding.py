@@ -3,19 +3,22 @@
 With gunicorn ``-w N`` or several hosts and no sticky routing, the requests of
 one greenchan.js session land on any process. The process that started the
 session (its *holder*) subscribes to a Redis channel of its own for it,
-``<prefix>sess:<gc_cid>``; a process that gets a request for a session it does
+``<prefix>sess:{<gc_cid>}``; a process that gets a request for a session it does
 not hold publishes the request there, and PUBLISH's reply says whether a holder
 is alive (1) or not (0: the session is gone, this process starts a new one).
+The channels ride on the store's subscriber connections (its outages, its
+reconnections); on a Redis Cluster they are shard channels (SPUBLISH), the
+session id in braces choosing the shard.
 
 - A POST is answered by the holder through the forwarding process's inbox
-  (``<prefix>node:<id>``), which then answers the client.
+  (``<prefix>node:{<id>}``), which then answers the client.
 - A carrier (a WebSocket, an SSE stream, a long-poll) stays where it arrived; the
   holder's session writes to a ``RemoteCarrier``, whose frames travel to the
   forwarding process and out through the real carrier; what the client sends
   over a forwarded WebSocket, and the carrier's end, travel back.
 
 Two processes that get the first requests of one client at once must not both
-start it: a process takes ``<prefix>sess:<gc_cid>:claim`` (SET NX, a few seconds)
+start it: a process takes ``<prefix>sess:{<gc_cid>}:claim`` (SET NX, a few seconds)
 before it starts a session, and the other forwards once the winner subscribed.
 
 Everything travels as one Redis message: a JSON header line, then the payload
@@ -65,39 +68,32 @@ class Forwarder:
     """One per process: the Redis side of sessions held here and forwarded from here."""
 
     def __init__(self, store: Any) -> None:
-        import redis
-
+        self.store = store
         self.node = base64.urlsafe_b64encode(os.urandom(9)).decode()
         self.prefix = store.prefix
-        self.inbox = f"{self.prefix}node:{self.node}"
-        self.client = redis.Redis.from_url(store._url, socket_timeout=5.0, socket_connect_timeout=5.0)
-        self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-        self._pubsub.subscribe(self.inbox)
+        self.inbox = f"{self.prefix}node:{{{self.node}}}"
         self._held: Dict[str, Any] = {}  # gc_cid -> the Session held here
         self._remote: Dict[str, "RemoteCarrier"] = {}  # carrier id -> carrier forwarded to us
         self._proxied: Dict[str, Channel] = {}  # carrier id -> our carrier of a session held elsewhere
         self._answers: Dict[str, gevent.event.AsyncResult] = {}
         self._ids = itertools.count(1)
-        self._reader = gevent.spawn(self._read)
+        store._listen(self.inbox, self._arrived)
 
     # -- the holder's side -----------------------------------------------------------
 
     def claim(self, cid: str) -> bool:
         """Take the right to start ``cid``'s session (no other process is starting it)."""
-        return bool(self.client.set(f"{self.prefix}sess:{cid}:claim", self.node, nx=True, px=CLAIM_MS))
+        return bool(self.store._execute("SET", f"{self._topic(cid)}:claim", self.node, "NX", "PX", CLAIM_MS))
 
     def hold(self, session: Any) -> None:
         """Serve forwarded requests of ``session`` from now on."""
         self._held[session.cid] = session
-        self._pubsub.subscribe(self._topic(session.cid))
+        self.store._listen(self._topic(session.cid), self._arrived)
 
     def release(self, cid: str) -> None:
         """``cid``'s session is gone: other processes now start a new one."""
         if self._held.pop(cid, None) is not None:
-            try:
-                self._pubsub.unsubscribe(self._topic(cid))
-            except Exception as exc:  # the reconnection resubscribes only what is held
-                log.debug("unsubscribe of a session topic failed: %s", exc)
+            self.store._unlisten(self._topic(cid))
 
     # -- the forwarding side ---------------------------------------------------------
 
@@ -146,34 +142,25 @@ class Forwarder:
     # -- Redis -------------------------------------------------------------------------
 
     def _topic(self, cid: str) -> str:
-        return f"{self.prefix}sess:{cid}"
+        return f"{self.prefix}sess:{{{cid}}}"
 
     def _publish(self, channel: str, head: dict, payload: Any) -> bool:
         data = _JSON.encode(head).encode() + b"\n" + (_NONE if payload is None else encode(payload))
-        return bool(self.client.publish(channel, data))
+        return bool(self.store._execute(self.store._publish_verb, channel, data))
 
-    def _read(self) -> None:
-        while True:
-            try:
-                message = self._pubsub.get_message(timeout=1.0)
-            except Exception as exc:
-                log.warning("session forwarding lost Redis (%s); retrying", exc)
-                gevent.sleep(0.5)
-                continue
-            if message is None or message.get("type") != "message":
-                continue
-            raw = message["data"]
-            line, _, rest = raw.partition(b"\n")
-            try:
-                head = json.loads(line)
-                payload = None if rest == _NONE else decode(rest)
-            except Exception:
-                log.exception("unreadable forwarded session message dropped")
-                continue
-            if head.get("op") in ("post", "attach"):
-                gevent.spawn(self._dispatch, head, payload)  # may wait: off the reader
-            else:
-                self._dispatch(head, payload)  # never waits, and keeps the order
+    def _arrived(self, raw: bytes) -> None:
+        """A message on the inbox or a held session's channel, in the store's reader."""
+        line, _, rest = raw.partition(b"\n")
+        try:
+            head = json.loads(line)
+            payload = None if rest == _NONE else decode(rest)
+        except Exception:
+            log.exception("unreadable forwarded session message dropped")
+            return
+        if head.get("op") in ("post", "attach"):
+            gevent.spawn(self._dispatch, head, payload)  # may wait: off the reader
+        else:
+            self._dispatch(head, payload)  # never waits, and keeps the order
 
     def _dispatch(self, head: dict, payload: Any) -> None:
         op = head.get("op")

@@ -22,7 +22,10 @@ from greenchan import RedisChannelStore, Server, with_channel
 
 import redis
 store = RedisChannelStore(sys.argv[1])
-log = redis.Redis.from_url(sys.argv[1])
+if "+cluster://" in sys.argv[1]:
+    log = redis.cluster.RedisCluster.from_url(sys.argv[1].replace("+cluster", ""))
+else:
+    log = redis.Redis.from_url(sys.argv[1])
 
 @with_channel
 def app(channel):
@@ -43,9 +46,14 @@ server.serve_forever()
 
 @pytest.fixture
 def two_processes(tmp_path, redis_server):
+    yield from start_two(tmp_path, redis_server.url)
+
+
+def start_two(tmp_path, url):
+    """The app above in two processes on the Redis at ``url``: (ports, processes)."""
     script = tmp_path / "fwd_app.py"
     script.write_text(APP)
-    procs = [subprocess.Popen([sys.executable, str(script), redis_server.url], stdout=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, str(script), url], stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     ports = []
     for proc in procs:
@@ -69,7 +77,11 @@ def params(cid, transport, **extra):
 
 
 def test_requests_of_one_session_on_two_processes(two_processes, redis_server):
-    (a, b), procs = two_processes
+    one_session_on_two_processes(*two_processes[0], redis_server.client())
+
+
+def one_session_on_two_processes(a, b, client):
+    """A session started on ``a`` is served from ``b`` too; its handler runs once, on ``a``."""
     cid = os.urandom(16).hex()
     url = lambda port: f"http://127.0.0.1:{port}/"  # noqa: E731
     first = requests.get(url(a), params=params(cid, "longpoll", gc_open=1), timeout=10).json()
@@ -92,7 +104,6 @@ def test_requests_of_one_session_on_two_processes(two_processes, redis_server):
     assert ws.recv() == f"2:y:{holder}"
     ws.send("\x00" + json.dumps({"ack": 3}))
     ws.close()  # 1000: the client closed the session
-    client = redis_server.client()
     for _ in range(200):  # bounded
         if client.llen("closed"):
             break

@@ -302,3 +302,17 @@ def test_a_slot_moved_mid_stream(redis_cluster, processes):
         cluster.migrate_slot(key_slot("t:{%s}" % group), to)
 
     stream_through(cluster, processes, move)
+
+
+# -- sessions across processes ------------------------------------------------------
+
+
+def test_sessions_across_processes_on_a_cluster(redis_cluster, tmp_path):
+    from test_forwarding import one_session_on_two_processes, start_two
+
+    processes = start_two(tmp_path, redis_cluster.url)
+    (a, b), _ = next(processes)
+    try:
+        one_session_on_two_processes(a, b, redis_cluster.client())
+    finally:
+        next(processes, None)  # stops them

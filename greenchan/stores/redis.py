@@ -5,7 +5,7 @@ import hashlib
 import logging
 import os
 import re
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import gevent
@@ -222,8 +222,11 @@ class RedisChannelStore(RedisPresence, _Groups):
         # everything on one Redis and for the presence events on a cluster, and
         # on a cluster one per master owning a group with members here.
         self._links: Dict[Any, Subscriber] = {}
-        # group -> the subscriber it is subscribed on (a cluster's shard)
-        self._placed: Dict[str, Subscriber] = {}
+        # channel -> the subscriber it is subscribed on (a cluster's shard)
+        self._placed: Dict[bytes, Subscriber] = {}
+        # channel -> fn(payload): what else listens on the subscriber connections
+        # (session forwarding, forwarding.py)
+        self._listeners: Dict[bytes, Callable[[bytes], None]] = {}
         # One look at a changed cluster at a time; another is due if asked meanwhile.
         self._rebalance_lock = gevent.lock.Semaphore()
         self._rebalance_due = False
@@ -261,7 +264,7 @@ class RedisChannelStore(RedisPresence, _Groups):
         self._start()
         # This process's own members would silently miss a message published
         # while their subscription is down: refuse it, and the caller knows.
-        link = self._placed.get(group) if self._cluster else self._links.get(None)
+        link = self._placed.get(self._key(group)) if self._cluster else self._links.get(None)
         if link is not None and not link.up:
             link.tried.wait(self.socket_timeout)
             if not link.up:
@@ -393,6 +396,7 @@ class RedisChannelStore(RedisPresence, _Groups):
         for link in links:
             link.close()
         self._placed.clear()
+        self._listeners.clear()
         if self._publisher is not None:
             if self._cluster:
                 self._publisher.close()
@@ -733,15 +737,22 @@ class RedisChannelStore(RedisPresence, _Groups):
             # "{}..." is no hash tag: the group's keys would fall on different shards.
             raise ValueError(f"on a Redis Cluster a group's name cannot start with '}}': {group!r}")
 
-    def _link(self, group: str) -> Optional[Subscriber]:
-        """The subscriber ``group`` is (to be) subscribed on; None while the cluster is unknown."""
+    def _channels(self) -> List[bytes]:
+        """Every pub/sub channel this process needs: its groups', and its listeners'."""
+        return [self._key(g) for g in self._groups] + list(self._listeners)
+
+    def _needs(self, key: bytes) -> bool:
+        return key in self._listeners or self._group_of(key) in self._groups
+
+    def _link_of(self, key: bytes) -> Optional[Subscriber]:
+        """The subscriber ``key`` is (to be) subscribed on; None while the cluster is unknown."""
         if not self._cluster:
             return self._links.get(None)
-        link = self._placed.get(group)
-        if link is None and group in self._groups:
-            node = self._owner(group)
+        link = self._placed.get(key)
+        if link is None and self._needs(key):
+            node = self._owner(key)
             if node is not None:
-                link = self._placed[group] = self._shard(node)
+                link = self._placed[key] = self._shard(node)
         return link
 
     def _wants(self, link: Subscriber, key: bytes) -> bool:
@@ -750,58 +761,86 @@ class RedisChannelStore(RedisPresence, _Groups):
             return link is self._links.get(None) and bool(self._presence_fns)
         if link.sharded != self._cluster:
             return False
-        group = self._group_of(key)
-        return group in self._groups and (not self._cluster or self._placed.get(group) is link)
+        return self._needs(key) and (not self._cluster or self._placed.get(key) is link)
 
     def _wanted(self, link: Subscriber) -> List[bytes]:
         """Every channel ``link`` should be subscribed to: what it subscribes on connecting."""
         keys = []
         if link.sharded == self._cluster:
-            keys = [self._key(g) for g in self._groups if not self._cluster or self._placed.get(g) is link]
+            keys = [k for k in self._channels() if not self._cluster or self._placed.get(k) is link]
         if self._presence_fns and link is self._links.get(None):
             keys.append(self._events_key)
         return keys
 
     def _group_created(self, group: str) -> None:
-        link = self._link(group)
+        self._subscribe(self._key(group))
+
+    def _group_removed(self, group: str) -> None:
+        self._unsubscribe(self._key(group))
+
+    def _subscribe(self, key: bytes) -> None:
+        link = self._link_of(key)
         if link is None:
             return  # the cluster is unreachable: placed when it is back
-        key = self._key(group)
         if key in link.subscribed:
-            # Joined again before the UNSUBSCRIBE of its last leave went out
+            # Wanted again before the UNSUBSCRIBE of its last leave went out
             # (deferred from the hub, or waiting for the write lock): the
             # subscription never stopped.
             return
         link.expect(key)
         link.sync(key)
 
-    def _group_removed(self, group: str) -> None:
-        link = self._placed.pop(group, None) if self._cluster else self._links.get(None)
+    def _unsubscribe(self, key: bytes) -> None:
+        link = self._placed.pop(key, None) if self._cluster else self._links.get(None)
         if link is not None:
-            key = self._key(group)
             link.release(key)
             link.sync(key)
 
     def _wait_subscribed(self, group: str) -> bool:
-        """Wait until Redis confirmed ``group``'s subscription; True if it is in effect.
+        """Wait until Redis confirmed ``group``'s subscription; True if it is in effect."""
+        return self._wait_for(self._key(group), f"group {group!r}")
+
+    def _wait_for(self, key: bytes, what: str) -> bool:
+        """Wait until Redis confirmed ``key``'s subscription; True if it is in effect.
 
         From a greenlet only (the hub cannot wait), at most ``subscribe_timeout``;
         during an outage it does not wait (the reconnection subscribes).
         """
         if getcurrent() is get_hub():
             return False
-        link = self._link(group)
+        link = self._link_of(key)
         if link is None:
             return False
-        key = self._key(group)
         if link.wait(key, self.subscribe_timeout):
             return True
         if link.up and key in link.confirm:
             log.warning(
-                "Redis did not confirm the subscription to group %r within subscribe_timeout "
-                "(%s s): a broadcast made now may miss its new member", group, self.subscribe_timeout,
+                "Redis did not confirm the subscription to %s within subscribe_timeout "
+                "(%s s): a message published now may not reach it", what, self.subscribe_timeout,
             )
         return False
+
+    def _listen(self, channel: str, fn: Callable[[bytes], None]) -> None:
+        """Call ``fn(payload)`` for each message on the pub/sub ``channel`` (on a cluster,
+        a shard channel: give it a hash tag). For greenchan's own use (sessions across
+        processes): it rides on the store's subscriber connections and outages."""
+        key = channel.encode()
+        self._start()
+        self._listeners[key] = fn
+        self._subscribe(key)
+        self._wait_for(key, f"channel {channel!r}")
+
+    def _unlisten(self, channel: str) -> None:
+        key = channel.encode()
+        if self._listeners.pop(key, None) is not None:
+            self._unsubscribe(key)
+
+    def _execute(self, *args: Any) -> Any:
+        """One command to Redis (routed by its key on a cluster), for greenchan's own use."""
+        self._start()
+        if self._publisher is None:
+            raise self._down_error()
+        return self._publisher.execute_command(*args)
 
     def _watch_events(self) -> None:
         """Subscribe to the presence events; from a greenlet, wait for Redis to confirm."""
@@ -821,14 +860,14 @@ class RedisChannelStore(RedisPresence, _Groups):
 
     # -- a cluster: which master owns a group, and following it when that changes ------
 
-    def _owner(self, group: str) -> Optional[Tuple[str, int]]:
-        """(host, port) of the master owning ``group``'s slot, as the cluster client knows it."""
+    def _owner(self, key: bytes) -> Optional[Tuple[str, int]]:
+        """(host, port) of the master owning ``key``'s slot, as the cluster client knows it."""
         if self._publisher is None:
             return None
         try:
-            node = self._publisher.get_node_from_key(self._key(group))
+            node = self._publisher.get_node_from_key(key)
         except Exception as exc:  # a slot no node covers (a failover), or no topology yet
-            log.debug("no owner known for group %r: %s", group, exc)
+            log.debug("no owner known for %r: %s", key, exc)
             return None
         return (node.host, node.port)
 
@@ -840,7 +879,7 @@ class RedisChannelStore(RedisPresence, _Groups):
 
     def _shard_moved(self, link: Subscriber, key: bytes) -> None:
         """A master unsubscribed us from ``key``: its slot moved. Follow it."""
-        log.info("Redis Cluster moved group %r away from %s:%s; following it", self._group_of(key), *link.node)
+        log.info("Redis Cluster moved channel %r away from %s:%s; following it", key, *link.node)
         self._rebalance_soon()
 
     def _link_down(self, link: Subscriber) -> None:
@@ -854,35 +893,35 @@ class RedisChannelStore(RedisPresence, _Groups):
             gevent.spawn(self._rebalance)
 
     def _rebalance(self) -> None:
-        """Read the cluster's slots again, and move each group to the master that owns it.
+        """Read the cluster's slots again, and move each channel to the master that owns it.
 
         A group that moved (a failover, a resharding) or that a master
         unsubscribed is subscribed on its new owner; once that is confirmed, its
         members get from the history what was published in between (a catch-up,
-        as after an outage). Masters left with no group here are let go.
+        as after an outage). Masters left with nothing of ours are let go.
         """
         with self._rebalance_lock:
             self._rebalance_due = True
             while self._rebalance_due and not self._closed:
                 self._rebalance_due = False
                 moved = self._replace()
-                for group in moved:
-                    link = self._placed.get(group)
+                for key in moved:
+                    link = self._placed.get(key)
                     if link is not None:
-                        link.wait(self._key(group), self.subscribe_timeout)
-                moved = [g for g in moved if g in self._groups]
-                if moved and self.history_size:
-                    self._catch_up(moved)
-                elif moved:
+                        link.wait(key, self.subscribe_timeout)
+                groups = [g for g in map(self._group_of, moved) if g in self._groups]
+                if groups and self.history_size:
+                    self._catch_up(groups)
+                elif groups:
                     log.warning(
                         "Redis Cluster moved %d group(s) of this process to another master "
                         "(%s): messages published to them meanwhile are lost for this "
                         "process's members (the store keeps no history)",
-                        len(moved), ", ".join(sorted(moved)[:10]),
+                        len(groups), ", ".join(sorted(groups)[:10]),
                     )
 
-    def _replace(self) -> List[str]:
-        """Place every group on its owner's subscriber; the groups whose subscription moved."""
+    def _replace(self) -> List[bytes]:
+        """Place every channel on its owner's subscriber; the channels whose subscription moved."""
         try:
             if self._publisher is None:
                 self._publisher = self._new_publisher()
@@ -892,21 +931,20 @@ class RedisChannelStore(RedisPresence, _Groups):
             log.debug("reading the Redis Cluster's slots failed: %s", self._scrub(exc))
             return []
         moved = []
-        for group in list(self._groups):
-            node = self._owner(group)
-            old = self._placed.get(group)
+        for key in self._channels():
+            node = self._owner(key)
+            old = self._placed.get(key)
             if node is None:
                 continue
             new = self._shard(node)
-            key = self._key(group)
             if old is not new:
-                self._placed[group] = new
+                self._placed[key] = new
                 if old is not None:
                     old.release(key)
                     old.sync(key)
             elif key in new.subscribed:
                 continue
-            moved.append(group)
+            moved.append(key)
             new.expect(key)
             new.sync(key)
         for node, link in list(self._links.items()):
@@ -1000,8 +1038,8 @@ class RedisChannelStore(RedisPresence, _Groups):
             log.debug("connecting to the Redis Cluster at %s failed: %s", self.url, self._scrub(exc))
             self._publisher = None
         self._links[None] = Subscriber(self, None, sharded=False)
-        for group in list(self._groups):
-            self._group_created(group)
+        for key in self._channels():
+            self._subscribe(key)
         if self._cluster:
             gevent.spawn(self._watch_cluster, pid)
         self._presence_forked()
@@ -1103,7 +1141,7 @@ class RedisChannelStore(RedisPresence, _Groups):
             link.sync(key)
         if self._cluster and link.node is None and reconnected:
             self._rebalance_soon()  # the cluster was away: its masters may have changed
-        groups = [self._group_of(k) for k in link.subscribed if k != self._events_key]
+        groups = [self._group_of(k) for k in link.subscribed if k != self._events_key and k not in self._listeners]
         if self.history_size and groups and reconnected:
             gevent.spawn(self._catch_up, groups)
         if link.node is None and reconnected and self._seen:
@@ -1113,13 +1151,20 @@ class RedisChannelStore(RedisPresence, _Groups):
         if key == self._events_key:
             self._on_presence_event(payload)
             return
-        group = self._group_of(key)
-        if group not in self._groups:
-            return  # unsubscribed while the message was on its way
-        if self._cluster and self._placed.get(group) is not link:
+        if self._cluster and self._placed.get(key) is not link:
             # Moving to another master: until the old one lets go, both send
             # it. The new one's is delivered; a gap in between, caught up.
             return
+        listener = self._listeners.get(key)
+        if listener is not None:
+            try:
+                listener(payload)
+            except Exception:  # not the reader's to die of
+                log.exception("a listener on Redis channel %r failed", key)
+            return
+        group = self._group_of(key)
+        if group not in self._groups:
+            return  # unsubscribed while the message was on its way
         try:
             if payload[:1] != b"h":
                 data = decode(payload)
