@@ -303,7 +303,8 @@ def _parser() -> argparse.ArgumentParser:
                            action="append" if option.kind == "list" else "store")
     group.add_argument("--redis-url", metavar="URL",
                        help="a RedisChannelStore for the server: a greenchan.js session's requests may then "
-                       "reach any process sharing that Redis (also GREENCHAN_REDIS_URL) (default: none)")
+                       "reach any process sharing that Redis; redis+cluster://HOST:PORT for a Redis Cluster "
+                       "(also GREENCHAN_REDIS_URL) (default: none)")
     return parser
 
 
