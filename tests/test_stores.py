@@ -64,7 +64,7 @@ def assert_empty(store: Any) -> None:
     assert store._memberships == {}
     if isinstance(store, RedisChannelStore):
         assert not subscribed(store)
-        assert not any(link.confirm for link in store._links.values())
+        assert not any(link.confirm or link.leaving or link.outstanding for link in store._links.values())
 
 
 def subscribed(store: Any) -> set:

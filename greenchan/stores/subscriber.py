@@ -202,7 +202,7 @@ class Subscriber:
                 if kind == b"subscribe" or kind == b"ssubscribe":
                     self._confirmed(reply[1])
                     continue
-                if kind == b"sunsubscribe":
+                if kind == b"unsubscribe" or kind == b"sunsubscribe":
                     self._unsubscribed(reply[1])
                     continue
                 if kind != b"pong":
@@ -232,6 +232,8 @@ class Subscriber:
             else:
                 self.leaving[key] = mine - 1
             return
+        if not self.sharded:
+            return  # a classic subscription ends only when we ask
         self.subscribed.discard(key)
         self.store._shard_moved(self, key)
 
