@@ -91,7 +91,7 @@ class RedisChannelStore(RedisPresence, _Groups):
     ``prefix + group``, and each process delivers it to its own members from
     its subscription, its own included, so every member sees one order.
 
-    Each store keeps ONE subscriber connection to Redis, read by one greenlet,
+    Each store keeps ONE subscriber connection to Redis (subscriber.py), read by one greenlet,
     subscribed to the groups that have members in this process (subscribed when
     the first local member joins, unsubscribed when the last leaves), plus a
     small pool for ``PUBLISH``. Both are opened lazily, so a store created
@@ -135,6 +135,14 @@ class RedisChannelStore(RedisPresence, _Groups):
     get what they missed from it. See greenchan/stores/history.py for the ids
     and the exactly-once join. ``history=0`` (the default) keeps nothing and
     publishes exactly as a store without history.
+
+    On a **Redis Cluster** (``url`` ``redis+cluster://host:port``, any node, or a
+    ``redis.cluster.RedisCluster``) a broadcast is an ``SPUBLISH`` that only the
+    group's shard carries, the store keeps one ``SSUBSCRIBE`` connection per
+    master owning a group with members here, and every key and channel of a
+    group has the group's name in braces (one slot: each script stays on one
+    node). It follows failovers and moved slots, and with history gives the
+    members what they missed meanwhile; see docs/cluster.md.
 
     Needs gevent monkey-patching (see the module docstring). Options:
     ``prefix`` namespaces the Redis channels; ``render`` as for
