@@ -359,9 +359,10 @@ class RedisChannelStore(RedisPresence, _Groups):
             return False
         try:
             recovered = self._resume(group, channel, attachment, cursor, since)
-        finally:  # whatever happened, a member never stays buffering (it would hear nothing)
+        except BaseException:  # a member never stays buffering (it would hear nothing)
             if cursor.buffer is not None and self._cursors.get(group, {}).get(channel) is cursor:
-                self._flush(group, channel, attachment, cursor)
+                self._flush(group, channel, attachment, cursor, force=True)
+            raise
         if since is not None:
             _observe_resume(recovered)
             if channel.is_open:
@@ -506,15 +507,18 @@ class RedisChannelStore(RedisPresence, _Groups):
             # It left: closed while we waited, or by its replay (a long-poll).
             return recovered and snap is not None
         if snap is None:  # Redis unreachable: live, and a since cannot be vouched for
-            self._flush(group, channel, attachment, cursor)
+            self._flush(group, channel, attachment, cursor, force=True)
             return since is None
         if cursor.epoch != snap.epoch or cursor.seq < snap.last_seq:
             cursor.moved(snap.epoch, snap.last_sid, snap.last_seq, snap.now_ms)
         cursor.ms = max(cursor.ms, snap.now_ms)
-        self._flush(group, channel, attachment, cursor)
+        flushed = self._flush(group, channel, attachment, cursor)
         if channel.is_open:
             tell_position(channel, group, make_id(group, snap.epoch if cursor.epoch is None else cursor.epoch, cursor.sid))
-        self._settle(group, channel, cursor)
+        if flushed:
+            self._settle(group, channel, cursor)
+        else:
+            gevent.spawn(self._fill_gap, group, [(channel, cursor)])
         return recovered
 
     def _replay_pages(
@@ -549,13 +553,23 @@ class RedisChannelStore(RedisPresence, _Groups):
             if latest is None or page is None or latest.epoch != snap.epoch:
                 return False
 
-    def _flush(self, group: str, channel: Channel, attachment: Any, cursor: Cursor) -> None:
-        """Deliver what the cursor buffered (what it has not had yet) and make it live."""
+    def _flush(self, group: str, channel: Channel, attachment: Any, cursor: Cursor, force: bool = False) -> bool:
+        """Deliver what the cursor buffered (what it has not had yet) and make it live.
+
+        False if the buffer skips a message after the cursor's position (one the
+        subscription missed): the member keeps buffering from there, for ``_fill``
+        to bring the rest from the history. ``force``: deliver anyway (the history
+        cannot be read).
+        """
         buffered, cursor.buffer = cursor.buffer or [], None
-        for epoch, sid, seq, ms, data in buffered:
+        for i, (epoch, sid, seq, ms, data) in enumerate(buffered):
             if cursor.wants(epoch, seq, ms):
+                if not force and epoch == cursor.epoch and seq > cursor.seq + 1:
+                    cursor.buffer = buffered[i:]
+                    return False
                 cursor.moved(epoch, sid, seq, ms)
                 replay_to(self.render, group, channel, attachment, [(make_id(group, epoch, sid), data)])
+        return True
 
     def _with_ids(self, group: str, epoch: str, entries: Iterable[Entry]) -> Iterator[Tuple[str, Any]]:
         """(id, message) of each entry, decoded as the replay takes them."""
@@ -608,6 +622,10 @@ class RedisChannelStore(RedisPresence, _Groups):
                         continue
                     if not cursor.wants(epoch, seq, ms):
                         continue  # already in its replay
+                    if epoch == cursor.epoch and seq > cursor.seq + 1:  # it missed one
+                        cursor.buffer = [(epoch, sid, seq, ms, data)]
+                        held = (held or []) + [(channel, cursor)]
+                        continue
                     del cursors[channel]  # in step with the group from now on
             try:
                 message = data if render is None else render(channel, attachment, data)
@@ -724,10 +742,15 @@ class RedisChannelStore(RedisPresence, _Groups):
                               self._with_ids(group, snap.epoch, missed))
                     cursor.moved(snap.epoch, snap.last_sid, snap.last_seq, snap.now_ms)
         finally:  # whatever happened, no member stays buffering (it would hear nothing)
+            again = []
             for channel, cursor in cursors:
                 if cursor.buffer is not None and self._cursors.get(group, {}).get(channel) is cursor:
-                    self._flush(group, channel, members.get(channel), cursor)
-                    self._settle(group, channel, cursor)
+                    if self._flush(group, channel, members.get(channel), cursor, force=snap is None):
+                        self._settle(group, channel, cursor)
+                    else:  # it missed more meanwhile: another look at the history
+                        again.append((channel, cursor))
+            if again:
+                gevent.spawn(self._fill_gap, group, again)
 
     # -- subscriptions (the connections themselves: subscriber.py) -------------------
 
@@ -893,7 +916,7 @@ class RedisChannelStore(RedisPresence, _Groups):
     def _link_down(self, link: Subscriber) -> None:
         """A subscriber connection failed: on a cluster, its master may have changed."""
         if self._cluster and not self._closed:
-            self._rebalance()
+            self._rebalance_soon()
 
     def _rebalance_soon(self) -> None:
         self._rebalance_due = True
@@ -1147,8 +1170,10 @@ class RedisChannelStore(RedisPresence, _Groups):
         # Channels that came or went while the subscriptions were on their way.
         for key in set(self._wanted(link)) ^ link.subscribed:
             link.sync(key)
-        if self._cluster and link.node is None and reconnected:
-            self._rebalance_soon()  # the cluster was away: its masters may have changed
+        if self._cluster and link.node is None:
+            # The cluster is reachable (again): place what waits for it, and
+            # after an outage follow masters that changed meanwhile.
+            self._rebalance_soon()
         groups = [self._group_of(k) for k in link.subscribed if k != self._events_key and k not in self._listeners]
         if self.history_size and groups and reconnected:
             gevent.spawn(self._catch_up, groups)
