@@ -358,9 +358,11 @@ def _claim(client: Any, store: Any, dead: str, lease_ms: int) -> List[bytes]:
     from greenchan.stores.presence import REFRESH_LUA
 
     def claimed() -> Any:
+        seconds, micros = client.time()  # "my previous refresh was just now": not cut off
         reply = client.eval(REFRESH_LUA, 2, store._procs_key, store._reapings_key, "a-reaper", 1000, 0,
-                            16, lease_ms, store._entries_prefix, store._reaping_prefix)
-        return dict(zip(reply[1::2], reply[2::2])).get(dead.encode())
+                            16, lease_ms, store._entries_prefix, store._reaping_prefix,
+                            seconds * 1000 + micros // 1000)
+        return dict(zip(reply[3::2], reply[4::2])).get(dead.encode())
 
     return wait_until(claimed)
 

@@ -16,7 +16,7 @@ import pytest
 
 from greenchan import RedisChannelStore, Server
 
-from redis_cluster import RedisCluster, group_on, redis_cluster  # noqa: F401  (a fixture)
+from redis_cluster import RedisCluster, group_on, redis_cluster, redis_cluster_replicas  # noqa: F401
 from test_presence import _claim, _get, presence_app, processes, record, wait_until, ws  # noqa: F401
 
 pytestmark = pytest.mark.cluster
@@ -172,3 +172,48 @@ def test_a_reaper_and_the_process_it_reaps_meet_once(redis_cluster, made, reaper
     gevent.sleep(0.5)  # room for a wrong extra event
     assert events == expected
     wait_until(lambda: no_keys(redis_cluster, "greenchan:*presence*"))
+
+
+def _get_or_none(port: int, path: str) -> Any:
+    try:
+        return _get(port, path)
+    except ValueError:  # a 503: the cluster is failing over
+        return None
+
+
+def test_presence_through_a_failover_of_the_processes_shard(redis_cluster_replicas, processes):
+    """The master of the {presence} slot (heartbeats, entries, reapings) is killed and
+    its replica takes over, for longer than the TTL: nobody is reaped for it, no
+    change is reported, and presence goes on."""
+    cluster = redis_cluster_replicas
+    home = cluster.master_of("{presence}")
+    near = group_on(cluster, home)  # a group on the same shard, failing over with it
+    far = group_on(cluster, next(p for p in cluster.masters() if p != home))
+    # A TTL shorter than the failover (about 2 s), and long enough that a loaded
+    # machine still refreshes within it once the cluster is back.
+    _, port_a = processes(cluster.url, 1.5)
+    _, port_b = processes(cluster.url, 1.5)
+    clients = [ws(port_a, f"/join/{g}?ann") for g in (near, far)]
+    clients += [ws(port_b, f"/join/{g}?bob") for g in (near, far)]
+    assert [c.recv() for c in clients] == ["joined"] * 4
+    whole = {"ann": [None], "bob": [None]}
+    for port in (port_a, port_b):
+        wait_until(lambda p=port: len(_get(p, "/events")) == 4)
+
+    cluster.failover(home)
+    for port in (port_a, port_b):
+        for group in (near, far):
+            wait_until(lambda p=port, g=group: _get_or_none(p, f"/presence/{g}") == whole)
+    gevent.sleep(3)  # refreshes past the TTL: a process wrongly reaped would show as a leave
+    for port in (port_a, port_b):
+        assert len(_get(port, "/events")) == 4
+        for group in (near, far):
+            assert _get(port, f"/presence/{group}") == whole
+
+    for c in clients:
+        c.close()
+    for port in (port_a, port_b):
+        wait_until(lambda p=port: len(_get(p, "/events")) == 8)
+        assert sorted((g, k) for g, k, _, joined in _get(port, "/events")[4:] if not joined) == sorted(
+            [(near, "ann"), (far, "ann"), (near, "bob"), (far, "bob")])
+    wait_until(lambda: no_keys(cluster, "t:*"))

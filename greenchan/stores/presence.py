@@ -73,6 +73,15 @@ Every step is idempotent: two reapers (one whose lease ran out, and the
 next) or a reaper and the process itself publish each leave once, because
 only the script that deletes an entry can publish its leave.
 
+A process whose refresh missed its turn (Redis or the processes' shard away,
+a failover, or the process paused) reaps nobody for one TTL after it gets
+through again: the others were cut off too, and get that long to push their
+heartbeats, or an outage longer than the TTL would reap every process. The
+script itself judges it, from the Redis time of the caller's previous
+refresh, so that a call that waited out the outage in the client's retries
+reaps nobody either; a process's first refresh counts as one after a gap (it
+may have started during the outage).
+
 A process that was paused past its TTL and reaped
 -------------------------------------------------
 
@@ -243,13 +252,15 @@ return removed
 # The processes' slot: my heartbeat, and dead processes handed to me to reap.
 # KEYS: heartbeats, reapings
 # ARGV: me, ttl ms, whether I have a heartbeat to push (1/0), batch, lease ms,
-#       the entries hashes' prefix (P{presence}:proc:), the reaping ones'
-# -> {my heartbeat was missing (0/1), then per process to reap: its id, its
-#     entries as a flat [field, JSON [group, key], ...]}
+#       the entries hashes' prefix (P{presence}:proc:), the reaping ones', the
+#       Redis time of my previous refresh (0: none yet)
+# -> {my heartbeat was missing (0/1), the Redis time now, whether I was cut
+#     off (no refresh for 2/3 of the TTL, or none yet: nobody reaped), then per
+#     process to reap: its id, its entries as a flat [field, JSON [group, key], ...]}
 REFRESH_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {0}
+local out = {0, now, 0}
 if ARGV[3] == '1' then
   if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
     redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
@@ -258,6 +269,11 @@ if ARGV[3] == '1' then
   end
 end
 local batch = tonumber(ARGV[4])
+local before = tonumber(ARGV[8])
+if now - before > tonumber(ARGV[2]) * 2 / 3 then
+  out[3] = 1  -- we could not refresh for a while: nor could the others, maybe
+  batch = 0
+end
 local lease = now + tonumber(ARGV[5])
 -- Reapings whose reaper went quiet past its lease, then newly dead processes.
 local taken = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, batch)

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import gevent
@@ -91,6 +92,12 @@ class RedisPresence:
         # One refresh at a time; one asked for meanwhile runs right after.
         self._refreshing = gevent.lock.Semaphore()
         self._refresh_again = False
+        # When our last refresh went through, and when we may reap again: after
+        # refreshes missed (Redis, or a cluster's shard, away; or we were paused),
+        # every other process gets a full TTL to push its heartbeat before we
+        # judge it, or an outage longer than the TTL would reap everyone.
+        self._refreshed_at = 0  # the Redis time (ms) of it
+        self._reap_from = 0.0  # time.monotonic()
 
     def presence(self, group: str) -> Dict[str, List[Any]]:
         """``{key: [meta, ...]}`` of ``group`` in every process: one ``HVALS``.
@@ -103,7 +110,7 @@ class RedisPresence:
         try:
             if self._publisher is None:  # a cluster not reached yet
                 raise exceptions.ConnectionError("not connected")
-            values = self._publisher.hvals(self._group_keys(group)[0])
+            values = self._publisher.hvals(self._presence_keys(group)[0])
         except exceptions.AuthenticationError as exc:
             raise exceptions.AuthenticationError(self._scrub(exc)) from None
         except self._presence_errors as exc:
@@ -133,7 +140,7 @@ class RedisPresence:
             self._publisher.execute_command("SCRIPT LOAD", script)
             return self._publisher.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
 
-    def _group_keys(self, group: str) -> Tuple[bytes, bytes]:
+    def _presence_keys(self, group: str) -> Tuple[bytes, bytes]:
         """The group's entries and counts hashes, in the group's slot."""
         base = f"{self.prefix}{{{group}}}:presence"
         return base.encode(), (base + ":keys").encode()
@@ -204,6 +211,7 @@ class RedisPresence:
         self._fields.clear()
         self._moves.clear()
         self._pending_leaves = []
+        self._refreshed_at = 0
         self._refresher = None
         if self._presence_fns:
             self._start_refresher()
@@ -224,7 +232,7 @@ class RedisPresence:
         if self._publisher is None:
             self._presence_dirty = True
             return
-        entries, counts = self._group_keys(group)
+        entries, counts = self._presence_keys(group)
         place = (group, channel)
         old = ""
         try:
@@ -240,10 +248,23 @@ class RedisPresence:
             log.debug("presence join in %r not registered (the refresh will): %s", group, self._scrub(exc))
             self._presence_dirty = True
             return
+        self._written(group, channel, field, old, entry)
+
+    def _written(self, group: str, channel: Channel, field: str, old: str, entry: PresenceEntry) -> None:
+        """``field`` is in the group now (moved from ``old``, if given): square it with
+        what happened to the channel meanwhile (we yielded for two round trips)."""
+        place = (group, channel)
         if old and self._moves.get(place) == old:
             del self._moves[place]
-        if self._fields.get(place) != field:
-            # It left (its leave may have run first), or got a new field, on the way: take it out.
+        current = self._fields.get(place)
+        if current == field:
+            return
+        if current is not None and current.rsplit(":", 1)[1] == field.rsplit(":", 1)[1]:
+            # The same registration, renamed: our id was lost (again) on the way.
+            # What we wrote is what the next re-registration moves.
+            self._moves[place] = field
+        else:
+            # It left (its leave may have run first), or joined again anew: take it out.
             self._unregister(group, field, entry, "")
 
     def _presence_left(self, group: str, channel: Channel, entry: PresenceEntry) -> None:
@@ -261,7 +282,7 @@ class RedisPresence:
         too), then out of the processes' slot; False when Redis did not take it (retried)."""
         if self._publisher is None:
             return False  # closed: the TTL takes the entry out
-        entries, counts = self._group_keys(group)
+        entries, counts = self._presence_keys(group)
         pairs = (field, entry.key, old, entry.key) if old else (field, entry.key)
         try:
             self._run(LEAVE_LUA, 2, entries, counts, self._events_key, event_head(group), *pairs)
@@ -334,12 +355,16 @@ class RedisPresence:
         try:
             reply = self._run(
                 REFRESH_LUA, 2, self._procs_key, self._reapings_key, me, self._ttl_arg,
-                1 if self._heartbeat_sent and busy else 0, REAP_BATCH, self._ttl_arg,
-                self._entries_prefix, self._reaping_prefix,
+                1 if self._heartbeat_sent and busy else 0,
+                REAP_BATCH if time.monotonic() >= self._reap_from else 0,
+                self._ttl_arg, self._entries_prefix, self._reaping_prefix, self._refreshed_at,
             )
+            self._refreshed_at = reply[1]
+            if reply[2]:
+                self._reap_from = time.monotonic() + self.presence_ttl
             if reply[0] and me == self._proc:
                 self._lost()
-            for i in range(1, len(reply), 2):
+            for i in range(3, len(reply), 2):
                 self._reap(reply[i].decode(), reply[i + 1])
             pending, self._pending_leaves = self._pending_leaves, []
             for n, (group, field, entry, old) in enumerate(pending):
@@ -363,7 +388,7 @@ class RedisPresence:
             by_group.setdefault(group, []).extend((flat[i], key))
         reaped = 0
         for group, pairs in by_group.items():
-            entries, counts = self._group_keys(group)
+            entries, counts = self._presence_keys(group)
             head = event_head(group)
             for chunk in _chunks(pairs, 2 * CHUNK):
                 reaped += self._run(LEAVE_LUA, 2, entries, counts, self._events_key, head, *chunk)
@@ -396,7 +421,7 @@ class RedisPresence:
         failed: List[str] = []
 
         def join(group: str, items: List[Tuple[str, Channel, str, str, PresenceEntry]]) -> None:
-            entries, counts = self._group_keys(group)
+            entries, counts = self._presence_keys(group)
             head = event_head(group)
             try:
                 for chunk in _chunks(items, CHUNK):
@@ -404,9 +429,8 @@ class RedisPresence:
                     for _, _, field, old, entry in chunk:
                         args += (field, old, entry.key, entry.value)
                     self._run(JOIN_LUA, 2, entries, counts, self._events_key, head, *args)
-                    for _, channel, _, old, _ in chunk:
-                        if old and self._moves.get((group, channel)) == old:
-                            del self._moves[(group, channel)]
+                    for _, channel, field, old, entry in chunk:
+                        self._written(group, channel, field, old, entry)
             except self._presence_errors as exc:
                 failed.append(self._scrub(exc))
 
@@ -417,11 +441,6 @@ class RedisPresence:
         if failed:
             self._presence_dirty = True
             log.debug("presence re-registration incomplete (the next refresh retries): %s", failed[0])
-        # A channel that left (or got a new field) while we were at it: its leave
-        # may have run first; take out what we may have put back.
-        for group, channel, field, _, entry in snapshot:
-            if self._fields.get((group, channel)) != field:
-                self._unregister(group, field, entry, "")
 
     # -- events --------------------------------------------------------------------
 
@@ -465,7 +484,7 @@ class RedisPresence:
         for group in list(self._seen):
             version = self._seen_version
             try:
-                present = merge(self._publisher.hvals(self._group_keys(group)[0]))
+                present = merge(self._publisher.hvals(self._presence_keys(group)[0]))
             except (*self._presence_errors, AttributeError) as exc:
                 log.debug("presence reconciliation of %r failed: %s", group, exc)
                 return
