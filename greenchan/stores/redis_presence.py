@@ -359,13 +359,17 @@ class RedisPresence:
                 REAP_BATCH if time.monotonic() >= self._reap_from else 0,
                 self._ttl_arg, self._entries_prefix, self._reaping_prefix, self._refreshed_at,
             )
-            self._refreshed_at = reply[1]
-            if reply[2]:
-                self._reap_from = time.monotonic() + self.presence_ttl
-            if reply[0] and me == self._proc:
-                self._lost()
-            for i in range(3, len(reply), 2):
-                self._reap(reply[i].decode(), reply[i + 1])
+        except self._presence_errors as exc:
+            log.debug("presence refresh failed: %s", self._scrub(exc))
+            return
+        self._refreshed_at = reply[1]
+        if reply[2]:
+            self._reap_from = time.monotonic() + self.presence_ttl
+        if reply[0] and me == self._proc:
+            self._lost()
+        for i in range(3, len(reply), 2):
+            self._reap(reply[i].decode(), reply[i + 1])
+        try:
             pending, self._pending_leaves = self._pending_leaves, []
             for n, (group, field, entry, old) in enumerate(pending):
                 if not self._unregister(group, field, entry, old):
@@ -375,6 +379,23 @@ class RedisPresence:
                 self._reregister()
         except self._presence_errors as exc:
             log.debug("presence refresh failed: %s", self._scrub(exc))
+
+    def _each_group(self, by_group: Dict[str, List[Any]], step: Any) -> List[str]:
+        """``step(group, items)`` for every group, ``_PARALLEL`` at a time (a group's
+        slot may be on any shard); the errors of those that failed."""
+        failed: List[str] = []
+
+        def run(group: str, items: List[Any]) -> None:
+            try:
+                step(group, items)
+            except self._presence_errors as exc:
+                failed.append(self._scrub(exc))
+
+        pool = gevent.pool.Pool(_PARALLEL)
+        for group, items in by_group.items():
+            pool.spawn(run, group, items)
+        pool.join()
+        return failed
 
     def _reap(self, proc: str, flat: List[bytes]) -> None:
         """Take a dead process's entries out of each of its groups, then forget them.
@@ -386,17 +407,27 @@ class RedisPresence:
         for i in range(0, len(flat), 2):
             group, key = json.loads(flat[i + 1])
             by_group.setdefault(group, []).extend((flat[i], key))
-        reaped = 0
-        for group, pairs in by_group.items():
+        reaped = [0]
+
+        def leave(group: str, pairs: List[Any]) -> None:
             entries, counts = self._presence_keys(group)
             head = event_head(group)
             for chunk in _chunks(pairs, 2 * CHUNK):
-                reaped += self._run(LEAVE_LUA, 2, entries, counts, self._events_key, head, *chunk)
+                reaped[0] += self._run(LEAVE_LUA, 2, entries, counts, self._events_key, head, *chunk)
+
+        failed = self._each_group(by_group, leave)
         reaping = (self._reaping_prefix + proc).encode()
-        for chunk in _chunks(flat[::2], CHUNK):
-            self._run(REAPED_LUA, 2, self._reapings_key, reaping, proc, *chunk)
+        try:
+            for chunk in () if failed else _chunks(flat[::2], CHUNK):
+                self._run(REAPED_LUA, 2, self._reapings_key, reaping, proc, *chunk)
+        except self._presence_errors as exc:
+            failed.append(self._scrub(exc))
+        if failed:
+            log.debug("presence: reaping process %s incomplete (retried when its lease ends): %s",
+                      proc, failed[0])
+            return
         log.info("presence: reaped process %s (no heartbeat): %d channel(s) in %d group(s)",
-                 proc, reaped, len(by_group))
+                 proc, reaped[0], len(by_group))
 
     def _reregister(self) -> None:
         """Every live entry again (moved from its field under a lost id, if it has one)."""
@@ -418,26 +449,19 @@ class RedisPresence:
         by_group: Dict[str, List[Tuple[str, Channel, str, str, PresenceEntry]]] = {}
         for item in snapshot:
             by_group.setdefault(item[0], []).append(item)
-        failed: List[str] = []
 
         def join(group: str, items: List[Tuple[str, Channel, str, str, PresenceEntry]]) -> None:
             entries, counts = self._presence_keys(group)
             head = event_head(group)
-            try:
-                for chunk in _chunks(items, CHUNK):
-                    args: List[Any] = []
-                    for _, _, field, old, entry in chunk:
-                        args += (field, old, entry.key, entry.value)
-                    self._run(JOIN_LUA, 2, entries, counts, self._events_key, head, *args)
-                    for _, channel, field, old, entry in chunk:
-                        self._written(group, channel, field, old, entry)
-            except self._presence_errors as exc:
-                failed.append(self._scrub(exc))
+            for chunk in _chunks(items, CHUNK):
+                args: List[Any] = []
+                for _, _, field, old, entry in chunk:
+                    args += (field, old, entry.key, entry.value)
+                self._run(JOIN_LUA, 2, entries, counts, self._events_key, head, *args)
+                for _, channel, field, old, entry in chunk:
+                    self._written(group, channel, field, old, entry)
 
-        pool = gevent.pool.Pool(_PARALLEL)
-        for group, items in by_group.items():
-            pool.spawn(join, group, items)
-        pool.join()
+        failed = self._each_group(by_group, join)
         if failed:
             self._presence_dirty = True
             log.debug("presence re-registration incomplete (the next refresh retries): %s", failed[0])
