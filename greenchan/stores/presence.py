@@ -105,6 +105,16 @@ drops a join of a key it already reported present). The same path serves a
 Redis that lost its data (a restart, or a cluster's failover that lost the
 latest writes of the processes' slot): old entries still in a group's slot are
 moved rather than left as ghosts.
+
+What no step here recovers
+--------------------------
+
+Redis replicates asynchronously: a master killed (not a ``CLUSTER FAILOVER``)
+can take its last few milliseconds of writes with it. A join lost that way on a
+group's shard leaves a live channel out of ``presence()`` until it leaves or its
+process re-registers; a leave lost there leaves a ghost entry; a note lost on
+the processes' shard leaves that entry to no reaper if its process dies. Each
+needs a master to die within the replication lag of that very write.
 """
 from __future__ import annotations
 
