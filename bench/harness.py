@@ -230,6 +230,23 @@ def _readline(p: subprocess.Popen, timeout: float) -> str:
         sel.close()
 
 
+def _settled_rss(server) -> int:
+    """The server's RSS once it stops growing: the client's OPEN means every request
+    was written, not that the server has read them all (10,000 long-polls take it a
+    few seconds on a busy machine). At least 1.5 s, then until two readings half a
+    second apart differ by under 0.2%, at most 15 s."""
+    time.sleep(1.5)
+    rss = server.rss_kib()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = server.rss_kib()
+        if abs(now - rss) < 0.002 * rss:
+            return now
+        rss = now
+    return rss
+
+
 def run_client(server: Server, mode: str, timeout: float, **params) -> dict:
     """Run the Node client in `mode` against `server`; return its JSON result.
 
@@ -267,8 +284,7 @@ def run_client(server: Server, mode: str, timeout: float, **params) -> dict:
                 p.stdin.write(b"go\n")
                 p.stdin.flush()
             elif line.startswith("OPEN "):
-                time.sleep(1.5)   # let the server finish whatever it does per connection
-                marks["rss1"] = server.rss_kib()
+                marks["rss1"] = _settled_rss(server)
             elif line.startswith("{"):
                 result = json.loads(line)
                 if "cpu0" in marks and server.alive():

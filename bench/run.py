@@ -31,7 +31,7 @@ class Peer:
     name: str
     script: str
     kind: str   # "ws": WebSocket echo and broadcast; "tcp": raw echo; "http": HTTP only
-    http: bool = False   # serves /poll, /stream and /idle
+    http: bool = False   # serves /poll, /stream, /idle and /sse
     env: dict = field(default_factory=dict)   # extra environment for the server process
     default: bool = True   # run when no -s is given (variants for experiments are not)
 
@@ -111,11 +111,12 @@ def _echo_value(r: dict, binary: bool) -> float:
     return r["mb_per_s"] if binary else r["rate"]
 
 
-def _idle(path: str, http: bool):
+def _idle(path: str, http: bool, sse: bool = False):
     def run(peer: Peer, srv: Server, o) -> dict:
         if http:
             r = run_client(srv, "http-idle", 120, port=srv.port, path=path, warm=100,
-                           conns=o.idle_conns, hold=60)
+                           conns=o.idle_conns, hold=60,
+                           accept="text/event-stream" if sse else None, first=sse)
         else:
             r = run_client(srv, "ws-idle", 120, url=f"ws://127.0.0.1:{srv.port}{path}",
                            warm=100, conns=o.idle_conns, hold=60)
@@ -189,7 +190,9 @@ WORKLOADS = [
     Workload("idle-ws", "idle memory per WebSocket", "KiB", False, lambda p: p.kind == "ws",
              _idle("/echo", http=False), target="< 10 KiB"),
     Workload("idle-poll", "idle memory per long-poll", "KiB", False, lambda p: p.http,
-             _idle("/idle", http=True)),
+             _idle("/idle", http=True), target="≤ pywsgi"),
+    Workload("idle-sse", "idle memory per SSE stream", "KiB", False, lambda p: p.http,
+             _idle("/sse", http=True, sse=True), target="≤ pywsgi"),
     Workload("fanout-1000", "broadcast to 1,000 subscribers", "ms", False, lambda p: p.kind in ("ws", "floor"),
              _fanout(1000), target="≤ 1.1x floor; p99 ≤ every peer"),
     Workload("fanout-5000", "broadcast to 5,000 subscribers", "ms", False, lambda p: p.kind in ("ws", "floor"),
@@ -204,7 +207,7 @@ WORKLOADS = [
 ]
 BY_WORKLOAD = {w.name: w for w in WORKLOADS}
 # Names for several workloads at once (-w fanout, -w echo-open).
-GROUPS = {"fanout": ["fanout-1000", "fanout-5000"],
+GROUPS = {"fanout": ["fanout-1000", "fanout-5000"], "idle": ["idle-ws", "idle-poll", "idle-sse"],
           "echo-open": ["echo-open-5k", "echo-open-20k", "echo-open-40k"],
           "echo": ["echo-1", "echo-64", "echo-512", "echo-256k"]}
 
@@ -511,7 +514,8 @@ def markdown(results: dict, o, info: dict) -> str:
                 continue
             note = r.get("note", "")
             if w.name.startswith("idle"):
-                note = f"{r['opened']} conns, RSS {r['rss0_kib']} → {r['rss1_kib']} KiB"
+                note = f"{r['opened']} conns, RSS {r['rss0_kib']} → {r['rss1_kib']} KiB" + (
+                    f"; {r['note']}" if r.get("note") else "")
             if w.name.startswith("fanout"):
                 note = f"{r['rounds']} rounds, {r['lost']} lost" + (f"; {r['note']}" if r.get("note") else "")
             if w.name == "cluster" and r.get("rate"):
@@ -588,6 +592,10 @@ def verdict(w: Workload, gc, best, results) -> str:
         base = results[w.name].get("pywsgi", {}).get("value")
         if base:
             return "yes" if gc / base >= 0.9 else "no"
+    if w.name in ("idle-poll", "idle-sse"):
+        base = results[w.name].get("pywsgi", {}).get("value")
+        if base:
+            return f"{'yes' if gc <= base else 'no'} ({base / gc:.2f}x)"
     return ""
 
 

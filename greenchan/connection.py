@@ -63,12 +63,19 @@ class Connection:
         "on_closed",
         "closed",
         "paused",
+        # The hang-up watch of a waiting HTTP channel (watch_hangup).
+        "_kept",
+        "_keep_limit",
+        "_on_hangup",
+        "_on_overflow",
     )
 
     def __init__(self, sock: Any, send_buffer: int, send_timeout: float) -> None:
         self.sock = sock  # the gevent socket: kept so the fd lives as long as we do
         self._raw: socket.socket = getattr(sock, "_sock", sock)
-        self._out: Deque[memoryview] = collections.deque()
+        # What the kernel did not take yet; made when first needed and let go once
+        # empty (a deque is 600 bytes, and most connections never queue anything).
+        self._out: Optional[Deque[memoryview]] = None
         self._out_size = 0
         self._reader: Any = None
         self._writer: Any = None
@@ -85,6 +92,10 @@ class Connection:
         self.on_closed: Callable[[], Any] = _ignore_noargs
         self.closed = False
         self.paused = False
+        self._kept: Optional[bytearray] = None
+        self._keep_limit: Optional[int] = None
+        self._on_hangup: Callable[[], Any] = _ignore_noargs
+        self._on_overflow: Optional[Callable[[], Any]] = None
 
     # -- reading -------------------------------------------------------------
 
@@ -114,7 +125,7 @@ class Connection:
         buffered: bytes = b"",
         limit: Optional[int] = None,
         on_overflow: Optional[Callable[[], Any]] = None,
-    ) -> Callable[[], bytes]:
+    ) -> None:
         """Call ``on_hangup`` in the hub when the peer closes or resets; keep what it sends.
 
         An HTTP channel waiting for something to send has nothing to read, but
@@ -124,42 +135,51 @@ class Connection:
         ``buffered``, so that the EOF or reset behind them is still seen. Past
         ``limit`` bytes kept the watch stops and ``on_overflow()`` runs (the
         transport closes such a client: a hang-up hidden behind unread input
-        would go unnoticed).
+        would go unnoticed). ``take_kept()`` ends the watch and returns the bytes
+        kept, for the next request on the connection.
 
-        Returns ``take()``: it ends the watch and returns the bytes kept, for the
-        next request on the connection.
+        The state lives in this object's slots, not in closures: thousands of
+        long-polls wait here at once, and two closures with their cells cost
+        more than the rest of the watch (bench/findings.md).
         """
-        kept = bytearray(buffered)
-        raw = self._raw
-
-        def on_readable() -> None:
-            room = RECV_SIZE if limit is None else min(RECV_SIZE, max(limit - len(kept), 0) + 1)
-            try:
-                data = raw.recv(room)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self.stop_reading()
-                on_hangup()
-                return
-            kept.extend(data)
-            if limit is not None and len(kept) > limit:
-                self.stop_reading()
-                if on_overflow is not None:
-                    on_overflow()
-
-        def take() -> bytes:
-            self.stop_reading()
-            data = bytes(kept)
-            kept.clear()
-            return data
-
+        self._kept = bytearray(buffered) if buffered else None
+        self._keep_limit = limit
+        self._on_hangup = on_hangup
+        self._on_overflow = on_overflow
         if self._reader is None:
-            self._reader = get_hub().loop.io(raw.fileno(), 1)
-        self._reader.start(on_readable)
-        return take
+            self._reader = get_hub().loop.io(self._raw.fileno(), 1)
+        self._reader.start(self._on_hangup_readable)
+
+    def _on_hangup_readable(self) -> None:
+        kept = self._kept
+        held = len(kept) if kept is not None else 0
+        limit = self._keep_limit
+        room = RECV_SIZE if limit is None else min(RECV_SIZE, max(limit - held, 0) + 1)
+        try:
+            data = self._raw.recv(room)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.stop_reading()
+            self._on_hangup()
+            return
+        if kept is None:
+            kept = self._kept = bytearray()
+        kept.extend(data)
+        if limit is not None and len(kept) > limit:
+            self.stop_reading()
+            if self._on_overflow is not None:
+                self._on_overflow()
+
+    def take_kept(self) -> bytes:
+        """End the hang-up watch; the bytes it kept (see ``watch_hangup``)."""
+        self.stop_reading()
+        kept, self._kept = self._kept, None
+        self._on_hangup = _ignore_noargs
+        self._on_overflow = None
+        return bytes(kept) if kept else b""
 
     def release(self) -> None:
         """Stop every watcher but keep the socket open (pywsgi reads on)."""
@@ -206,7 +226,8 @@ class Connection:
             if not self._wait_below(self.send_buffer, self.send_timeout, slow=True):
                 return False
         parts = [memoryview(data)] if tail is None else [memoryview(data), memoryview(tail)]
-        if not self._out:
+        out = self._out
+        if not out:
             try:
                 sent = self._raw.send(data) if tail is None else self._raw.sendmsg(parts)
             except (BlockingIOError, InterruptedError):
@@ -220,9 +241,11 @@ class Connection:
             if not parts:
                 return True
             parts[0] = parts[0][sent:]
+            if out is None:
+                out = self._out = collections.deque()
         backlog = self._out_size  # what was queued before this write
         for part in parts:
-            self._out.append(part)
+            out.append(part)
             self._out_size += len(part)
         if self._writer is None:
             self._writer = get_hub().loop.io(self._raw.fileno(), 2)
@@ -312,6 +335,7 @@ class Connection:
             self._lost(exc)
             return
         if not out:
+            self._out = None  # empty: let the deque go until the next short send
             self._writer.stop()
             if self._slow_timer is not None:
                 self._slow_timer.stop()
@@ -338,7 +362,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        self._out.clear()
+        self._out = None
         self._out_size = 0
         for watcher in (self._reader, self._writer, self._slow_timer, self._linger):
             if watcher is not None:

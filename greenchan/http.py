@@ -10,7 +10,7 @@ notices a client that goes away, so ``on_close`` runs without polling.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 from gevent.hub import Waiter
 
@@ -66,7 +66,7 @@ class HttpTransport:
     send_tagged = None
     control = None
 
-    __slots__ = ("channel", "handler", "server", "options", "conn", "started", "_chunked", "_close_delimited", "_keep_alive", "_waiter", "_head", "_take_input", "_sse")
+    __slots__ = ("channel", "handler", "server", "options", "conn", "started", "_chunked", "_close_delimited", "_keep_alive", "_waiter", "_head", "_sse")
 
     def __init__(self, environ: dict, handler: Any, server: Any, options: Options) -> None:
         self.handler = handler
@@ -83,7 +83,6 @@ class HttpTransport:
         self._head = environ.get("REQUEST_METHOD") == "HEAD"
         self._sse = False  # the stream is text/event-stream
         self._waiter: Optional[Waiter] = None
-        self._take_input: Optional[Callable[[], bytes]] = None
         self.channel: Channel = None  # type: ignore[assignment]
 
     @property
@@ -103,7 +102,7 @@ class HttpTransport:
         hang-up behind the unread bytes, and buffering more would let one client
         grow the server's memory.
         """
-        self._take_input = self.conn.watch_hangup(
+        self.conn.watch_hangup(
             self._hangup, self.handler.take_buffered(), self.options.max_header_size, self._overflow
         )
 
@@ -246,8 +245,7 @@ class HttpTransport:
         environ = self.handler.environ
         if not conn.closed and not conn.flush(self.options.send_timeout):
             conn.abort()
-        take, self._take_input = self._take_input, None
-        pending = take() if take is not None else b""
+        pending = conn.take_kept()
         # The response is written: pywsgi reads the next request on this
         # connection (what the client sent meanwhile first), or closes it
         # (after a close-delimited or failed response).

@@ -115,6 +115,9 @@ class Handler(pywsgi.WSGIHandler):
     # The current request's body (its framing errors decide the answer).
     _body: Optional[Body] = None
     _chunked = False
+    # The socket's raw stream while an HTTP channel waits without a read buffer
+    # (take_buffered to push_back).
+    _socket_io: Any = None
 
     def handle(self) -> None:
         server: "Server" = self.server.greenchan
@@ -370,12 +373,16 @@ class Handler(pywsgi.WSGIHandler):
         return b"".join(chunks)
 
     def take_buffered(self) -> bytes:
-        """What pywsgi's read buffer holds past the request, taken out of it.
+        """What pywsgi's read buffer holds past the request, taken out of it, and
+        the buffer itself let go until ``push_back``.
 
         The hang-up watch of an HTTP channel reads the socket from here on; it
         starts with these bytes so that ``push_back`` returns everything in order.
         At most one non-blocking read of the socket happens (when the buffer is
-        empty), so this is bounded.
+        empty), so this is bounded. While the channel waits, nothing reads through
+        pywsgi's buffered reader, and its 8 KiB buffer was half of what a waiting
+        long-poll cost (bench/findings.md): the reader goes (its raw socket stream
+        stays open), and the body that read through it, done by now, with it.
         """
         sock = self.socket
         rfile = self.rfile
@@ -387,19 +394,18 @@ class Handler(pywsgi.WSGIHandler):
             data = b""
         finally:
             sock.settimeout(old)
-        replay = getattr(rfile, "raw", None)
-        if isinstance(replay, _Replay) and replay._data:  # pushed back earlier, still unread
-            data, replay._data = data + replay._data, b""
+        raw = rfile.detach()
+        if isinstance(raw, _Replay):  # pushed back earlier: its rest, unread, comes after
+            data, raw = data + raw._data, raw._raw
+        self._socket_io = raw
+        self.rfile = self._body = self.wsgi_input = None
         return data
 
     def push_back(self, data: bytes) -> None:
-        """Make ``data`` the next bytes the request parser reads, before the socket's.
-
-        ``take_buffered`` emptied pywsgi's buffer first, so nothing read earlier
-        is left behind ``data``.
-        """
-        if data:
-            self.rfile = io.BufferedReader(_Replay(data, self.rfile))
+        """A buffered reader again (after ``take_buffered``), whose first bytes are
+        ``data``, then the socket's: the next request is parsed from it."""
+        raw, self._socket_io = self._socket_io, None
+        self.rfile = io.BufferedReader(_Replay(data, raw) if data else raw)
 
     def log_request(self) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -409,16 +415,12 @@ class Handler(pywsgi.WSGIHandler):
 class _Replay(io.RawIOBase):
     """A raw stream that returns some bytes already read, then the socket's."""
 
-    _rfile: Any
-
-    def __init__(self, data: bytes, rfile: Any) -> None:
+    def __init__(self, data: bytes, raw: Any) -> None:
         super().__init__()
         self._data = data
-        # The socket's original buffered reader, kept alive (when it is collected
-        # it closes the SocketIO under it); its buffer is empty, its raw is read.
-        # take_buffered emptied an earlier _Replay: chain to its reader, not to it.
-        replay = getattr(rfile, "raw", None)
-        self._rfile = replay._rfile if isinstance(replay, _Replay) else rfile
+        # The socket's raw stream (a SocketIO). Not closed with this object: the
+        # connection goes on after the replayed bytes are read.
+        self._raw = raw
 
     def readable(self) -> bool:
         return True
@@ -430,7 +432,7 @@ class _Replay(io.RawIOBase):
             buffer[:n] = data[:n]
             self._data = data[n:]
             return n
-        return self._rfile.raw.readinto(buffer)
+        return self._raw.readinto(buffer)
 
 
 def answer_and_close(target: Union[dict, "Handler"], response: bytes) -> None:

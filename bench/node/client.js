@@ -8,7 +8,7 @@
 //   node client.js --mode=ws-echo   --url=ws://127.0.0.1:P/echo --conns=64 --size=32 --duration=3 [--binary]
 //   node client.js --mode=tcp-echo  --port=P --conns=64 --size=32 --duration=3
 //   node client.js --mode=ws-idle   --url=... --warm=100 --conns=5000 --hold=30
-//   node client.js --mode=http-idle --port=P --path=/idle --warm=100 --conns=5000 --hold=30
+//   node client.js --mode=http-idle --port=P --path=/idle --warm=100 --conns=5000 --hold=30 [--accept=A --first]
 //   node client.js --mode=ws-fanout --url=ws://127.0.0.1:P --subs=1000 --rounds=30 --duration=10
 //   node client.js --mode=http      --port=P --path=/poll --conns=64 --duration=3
 //
@@ -363,12 +363,18 @@ function wsIdle() {
 
 function httpIdle() {
   // A long-poll that the server holds: the request is sent, no answer is expected.
-  const req = `GET ${args.path || '/idle'} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n`;
+  // With --first (an SSE stream: --accept=text/event-stream) a connection counts as
+  // open once the server's first bytes came, so OPEN means the server has them all.
+  const accept = args.accept ? `Accept: ${args.accept}\r\n` : '';
+  const req = `GET ${args.path || '/idle'} HTTP/1.1\r\nHost: 127.0.0.1\r\n${accept}\r\n`;
   idle((cb) => {
+    let called = false;
+    const done = (err, s) => { if (!called) { called = true; cb(err, s); } };
     const s = net.connect({ port: num('port'), host: '127.0.0.1' }, () => {
-      s.write(req, () => cb(null, s));
+      s.write(req, () => { if (!args.first) done(null, s); });
     });
-    s.on('error', (e) => cb(e));
+    if (args.first) s.once('data', () => done(null, s));
+    s.on('error', (e) => done(e));
   });
 }
 

@@ -5,6 +5,7 @@
   /poll    a fixed body with Content-Length (what a long-poll answer is)
   /stream  three chunks, chunked encoding (what a stream is)
   /idle    holds the request open, a greenlet waiting (what an idle long-poll is)
+  /sse     one event of a text/event-stream, then the greenlet waits (an idle SSE stream)
 """
 
 import socket
@@ -23,6 +24,11 @@ def chunks():
     yield b"chunk 3\n"
 
 
+def events():
+    yield b"data: open\n\n"
+    forever.wait()
+
+
 def app(environ, start_response):
     path = environ["PATH_INFO"]
     if path == "/poll":
@@ -36,6 +42,9 @@ def app(environ, start_response):
         forever.wait()
         start_response("204 No Content", [])
         return []
+    if path == "/sse":
+        start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
+        return events()
     start_response("404 Not Found", [("Content-Length", "0")])
     return [b""]
 
