@@ -119,7 +119,7 @@ def test_spublish_in_a_script(redis_cluster: RedisCluster) -> None:
     assert node.eval(in_args, 1, meta, channel, "a") == 1
     assert node.eval(in_keys, 2, meta, channel, "b") == 1
     other = f"greenchan:{{{group_on(redis_cluster, target)}}}"
-    with pytest.raises(redis.exceptions.ResponseError, match="non local key"):
+    with pytest.raises(redis.exceptions.ResponseError):  # "a non local key" (7.0)
         node.eval(in_args, 1, meta, other, "c")
     redis_cluster.begin_migration(key_slot(group), target)
     assert node.eval(in_args, 1, meta, channel, "d") == 1
