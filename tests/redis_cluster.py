@@ -152,9 +152,6 @@ class RedisCluster:
                 return port
         raise ClusterError(f"no running master owns slot {slot}")
 
-    def node_id(self, port: int) -> str:
-        return self._ids[port]
-
     # -- life --------------------------------------------------------------------
 
     def start(self, timeout: float = 30.0) -> "RedisCluster":
