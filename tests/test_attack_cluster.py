@@ -31,6 +31,7 @@ import websocket
 from greenchan import RedisChannelStore, with_channel
 
 from redis_cluster import RedisCluster, group_on, key_slot, redis_cluster, redis_cluster_replicas  # noqa: F401
+from test_redis_cluster import processes  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.cluster
 
@@ -767,3 +768,66 @@ def test_a_broadcast_while_a_groups_keys_are_half_migrated(redis_cluster, nodes)
     check_once_in_order(member, {group: accepted}, {group: [1, 2]})
     member.close()
     assert all(isinstance(o, int) for o in outcomes), outcomes
+
+
+# -- two real processes: their subscriber connections ---------------------------------------
+
+
+def test_two_processes_after_churn_failover_and_a_moved_slot(redis_cluster_replicas, processes):
+    """Two greenchan processes (the app of test_redis_cluster.py); members churn over 60 groups
+    while a master fails over (planned) and a slot moves. Then each master owning a steady
+    group holds exactly one greenchan-sub-<pid> shard connection per process, no other node
+    holds any, each group one
+    subscriber per process on its owner; when everyone left, nothing is left anywhere."""
+    from test_redis_cluster import state, ws
+
+    cluster = redis_cluster_replicas
+    ports = [processes(cluster.url), processes(cluster.url)]
+    names = {f"greenchan-sub-{state(port)['pid']}" for port in ports}
+    masters = cluster.masters()
+    steady_groups = [group_on(cluster, port, prefix="steady") for port in masters]
+    steady = [ws(port, "/join/" + ",".join(steady_groups)) for port in ports]
+    groups = [f"many:{i}" for i in range(60)]
+    done = False
+
+    def churn(port: int, seed: int) -> None:
+        held = []
+        for i in range(10_000):  # bounded; stopped by done
+            if done:
+                break
+            held.append(ws(port, "/join/" + ",".join(groups[(seed + i * 11 + k * 7) % 60] for k in range(6))))
+            if len(held) > 3:
+                held.pop(0).close()
+            gevent.sleep(0.02)
+        for client in held:
+            client.close()
+
+    workers = [gevent.spawn(churn, port, seed) for port, seed in zip(ports, (0, 5))]
+    gevent.sleep(0.5)
+    cluster.manual_failover(cluster.replicas_of(masters[0])[0])
+    slot = key_slot("t:{%s}" % steady_groups[1])
+    cluster.migrate_slot(slot, masters[2])
+    gevent.sleep(0.5)
+    done = True
+    for worker in workers:
+        worker.join(TIMEOUT)
+        assert worker.successful(), worker.exception
+
+    seen: Dict[str, Any] = {}
+
+    def settled() -> bool:
+        owners = {cluster.master_of(channel_of(g)) for g in steady_groups}
+        seen["connections"] = {port: (port in owners, shard_subscribers(cluster, port)) for port in cluster.running()}
+        seen["channels"] = shard_channels(cluster)
+        seen["numsub"] = {g: numsub(cluster, g) for g in steady_groups}
+        return all(subs == (dict.fromkeys(names, 1) if master else {})
+                   for master, subs in seen["connections"].values()) and set(seen["numsub"].values()) == {2}
+
+    try:
+        wait_until(settled)
+    except AssertionError:
+        raise AssertionError(f"not settled: {seen}, processes {names}, "
+                             f"links {[state(port)['links'] for port in ports]}") from None
+    for client in steady:
+        client.close()
+    wait_until(lambda: nothing_left(cluster))
