@@ -358,8 +358,10 @@ def _claim(client: Any, store: Any, dead: str, lease_ms: int) -> List[bytes]:
     from greenchan.stores.presence import REFRESH_LUA
 
     def claimed() -> Any:
-        seconds, micros = client.time()  # "my previous refresh was just now": not cut off
-        reply = client.eval(REFRESH_LUA, 2, store._procs_key, store._reapings_key, "a-reaper", 1000, 0,
+        # "My previous refresh was just now", and a TTL long enough that a slow
+        # machine between the two calls does not make it look cut off.
+        seconds, micros = client.time()
+        reply = client.eval(REFRESH_LUA, 2, store._procs_key, store._reapings_key, "a-reaper", 60_000, 0,
                             16, lease_ms, store._entries_prefix, store._reaping_prefix,
                             seconds * 1000 + micros // 1000)
         return dict(zip(reply[3::2], reply[4::2])).get(dead.encode())

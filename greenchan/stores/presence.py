@@ -106,15 +106,19 @@ Redis that lost its data (a restart, or a cluster's failover that lost the
 latest writes of the processes' slot): old entries still in a group's slot are
 moved rather than left as ghosts.
 
-What no step here recovers
---------------------------
+A master that changes
+---------------------
 
 Redis replicates asynchronously: a master killed (not a ``CLUSTER FAILOVER``)
-can take its last few milliseconds of writes with it. A join lost that way on a
-group's shard leaves a live channel out of ``presence()`` until it leaves or its
-process re-registers; a leave lost there leaves a ghost entry; a note lost on
-the processes' shard leaves that entry to no reaper if its process dies. Each
-needs a master to die within the replication lag of that very write.
+can take its last few milliseconds of writes with it. On a cluster, each
+refresh looks (in the client's slot map, no round trip) at which master owns
+the processes' slot and each group where this process has, or just had,
+entries; when one changed, the process notes all its entries again and puts
+them in their groups again (``PROC_LUA``, ``JOIN_LUA``: nothing counted
+twice), and in each group that moved ``PRUNE_LUA`` takes out its entries that
+are not live (a leave lost). What stays out of reach: a dead process's note
+lost with a killed master of the processes' slot (that entry has no reaper),
+which needs the process to die right after a master did.
 """
 from __future__ import annotations
 
@@ -332,7 +336,39 @@ end
 return 0
 """
 
-SCRIPTS = (PROC_LUA, JOIN_LUA, LEAVE_LUA, REFRESH_LUA, REAPED_LUA)
+# A group's slot, after its master changed (a failover): take out my entries
+# there that are not live, a leave the old master took with it. Only fields
+# numbered up to what I had drawn when I looked: a newer one is a join on its way.
+# KEYS: the group's entries, its keys' counts
+# ARGV: events channel, event head, my fields' prefix ('<id>:'), the highest
+#       channel number drawn, then my live fields in the group
+# -> entries taken out
+PRUNE_LUA = """
+local live = {}
+for i = 5, #ARGV do
+  live[ARGV[i]] = true
+end
+local mine, upto, pruned = ARGV[3], tonumber(ARGV[4]), 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local field = all[i]
+  if string.sub(field, 1, #mine) == mine and not live[field]
+      and (tonumber(string.sub(field, #mine + 1)) or upto + 1) <= upto then
+    redis.call('HDEL', KEYS[1], field)
+    pruned = pruned + 1
+    local ok, entry = pcall(cjson.decode, all[i + 1])
+    if ok and type(entry) == 'table' and type(entry[1]) == 'string' then
+      if redis.call('HINCRBY', KEYS[2], entry[1], -1) <= 0 then
+        redis.call('HDEL', KEYS[2], entry[1])
+        redis.call('PUBLISH', ARGV[1], ARGV[2] .. all[i + 1] .. ',false]')
+      end
+    end
+  end
+end
+return pruned
+"""
+
+SCRIPTS = (PROC_LUA, JOIN_LUA, LEAVE_LUA, REFRESH_LUA, REAPED_LUA, PRUNE_LUA)
 
 #: The SHA-1 that EVALSHA names each script by.
 SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in SCRIPTS}

@@ -9,12 +9,11 @@ error text (``_scrub``).
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import gevent
 import gevent.lock
@@ -27,6 +26,7 @@ from .presence import (
     JOIN_LUA,
     LEAVE_LUA,
     PROC_LUA,
+    PRUNE_LUA,
     REAP_BATCH,
     REAPED_LUA,
     REFRESH_LUA,
@@ -39,8 +39,14 @@ from .presence import (
 
 log = logging.getLogger("greenchan.stores")
 
-#: Group scripts in flight at once when re-registering a process's entries.
+#: Group scripts in flight at once when re-registering or reaping.
 _PARALLEL = 16
+
+#: Presence scripts in flight at once, whatever the number of joins and leaves
+#: (a thousand channels closing together): the rest wait their turn, and the
+#: client's pool (redis-py's default: 100 connections) keeps connections for
+#: broadcasts and reads instead of refusing them with "Too many connections".
+_IN_FLIGHT = 32
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -68,7 +74,7 @@ class RedisPresence:
         self._reaping_prefix = prefix + "{presence}:reaping:"
         self._events_key = (prefix + "presence:events").encode()
         self._proc = ""  # this process's id in Redis: drawn in _start, per process, and anew when lost
-        self._field_seq = itertools.count(1)
+        self._drawn = 0  # the channel numbers drawn for fields (<id>:<n>): the highest
         # (group, channel) -> its field in the group's entries hash
         self._fields: Dict[Tuple[str, Channel], str] = {}
         # (group, channel) -> its field under a lost process id, still to move
@@ -92,12 +98,20 @@ class RedisPresence:
         # One refresh at a time; one asked for meanwhile runs right after.
         self._refreshing = gevent.lock.Semaphore()
         self._refresh_again = False
+        self._in_flight = gevent.lock.BoundedSemaphore(_IN_FLIGHT)
         # When our last refresh went through, and when we may reap again: after
         # refreshes missed (Redis, or a cluster's shard, away; or we were paused),
         # every other process gets a full TTL to push its heartbeat before we
         # judge it, or an outage longer than the TTL would reap everyone.
         self._refreshed_at = 0  # the Redis time (ms) of it
         self._reap_from = 0.0  # time.monotonic()
+        # On a cluster: the master (host, port) of the processes' slot (key None)
+        # and of each group where we have entries, or had within a TTL (the
+        # groups we left: time.monotonic() of it), as the last refresh saw
+        # them; the groups whose master changed, to prune at the re-registration.
+        self._owners: Dict[Optional[str], Any] = {}
+        self._left: Dict[str, float] = {}
+        self._prune: Set[str] = set()
 
     def presence(self, group: str) -> Dict[str, List[Any]]:
         """``{key: [meta, ...]}`` of ``group`` in every process: one ``HVALS``.
@@ -134,11 +148,12 @@ class RedisPresence:
         ``SCRIPT LOAD`` to every master.
         """
         sha = SHAS[script]
-        try:
-            return self._publisher.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
-        except self._redis.exceptions.NoScriptError:
-            self._publisher.execute_command("SCRIPT LOAD", script)
-            return self._publisher.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+        with self._in_flight:
+            try:
+                return self._publisher.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
+            except self._redis.exceptions.NoScriptError:
+                self._publisher.execute_command("SCRIPT LOAD", script)
+                return self._publisher.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
 
     def _presence_keys(self, group: str) -> Tuple[bytes, bytes]:
         """The group's entries and counts hashes, in the group's slot."""
@@ -166,6 +181,10 @@ class RedisPresence:
             return False
         self._heartbeat_sent = True
         self._idle = False
+        if None not in self._owners:
+            node = self._owner(self._procs_key)
+            if node is not None:
+                self._owners[None] = node
         return True
 
     def _lost(self) -> None:
@@ -217,7 +236,8 @@ class RedisPresence:
             self._start_refresher()
 
     def _presence_joined(self, group: str, channel: Channel, entry: PresenceEntry) -> None:
-        field = f"{self._proc}:{next(self._field_seq)}"
+        self._drawn += 1
+        field = f"{self._proc}:{self._drawn}"
         self._fields[(group, channel)] = field
         self._start_refresher()
         if getcurrent() is get_hub():
@@ -256,6 +276,10 @@ class RedisPresence:
         place = (group, channel)
         if old and self._moves.get(place) == old:
             del self._moves[place]
+        if group not in self._owners:  # the master we wrote to: a change from it is news
+            node = self._owner(self._presence_keys(group)[0])
+            if node is not None:
+                self._owners[group] = node
         current = self._fields.get(place)
         if current == field:
             return
@@ -292,6 +316,8 @@ class RedisPresence:
                       group, self._scrub(exc))
             self._pending_leaves.append((group, field, entry, old))
             return False
+        if getattr(self, "_cluster", False):
+            self._left[group] = time.monotonic()
         return True
 
     def _leave_presence_on_close(self) -> None:
@@ -369,6 +395,8 @@ class RedisPresence:
             self._lost()
         for i in range(3, len(reply), 2):
             self._reap(reply[i].decode(), reply[i + 1])
+        if getattr(self, "_cluster", False):
+            self._look_at_owners()
         try:
             pending, self._pending_leaves = self._pending_leaves, []
             for n, (group, field, entry, old) in enumerate(pending):
@@ -379,6 +407,36 @@ class RedisPresence:
                 self._reregister()
         except self._presence_errors as exc:
             log.debug("presence refresh failed: %s", self._scrub(exc))
+
+    def _look_at_owners(self) -> None:
+        """A master that changed (a failover) may have lost our latest writes there:
+        re-register everything, and prune the groups that moved (presence.py)."""
+        now = time.monotonic()
+        for group, at in list(self._left.items()):
+            if now - at > self.presence_ttl:
+                del self._left[group]
+        keys: Dict[Optional[str], bytes] = {group: self._presence_keys(group)[0] for group, _ in self._fields}
+        keys.update((group, self._presence_keys(group)[0]) for group in self._left)
+        keys[None] = self._procs_key
+        owners = {group: self._owner(key) for group, key in keys.items()}
+        owners = {group: node for group, node in owners.items() if node is not None}
+        moved = {group for group, node in owners.items() if self._owners.get(group, node) != node}
+        self._owners = owners
+        if moved:
+            log.info("presence: the master of %d of this process's slots changed; registering again",
+                     len(moved))
+            self._presence_dirty = True
+            self._prune.update(group for group in moved if group is not None)
+
+    def _owner(self, key: bytes) -> Optional[Tuple[str, int]]:
+        """On a cluster, the master of ``key``'s slot as the client knows it (no round trip)."""
+        if not getattr(self, "_cluster", False):
+            return None
+        try:
+            node = self._publisher.get_node_from_key(key)
+        except self._presence_errors:  # a slot no master covers now: the next look
+            return None
+        return (node.host, node.port)
 
     def _each_group(self, by_group: Dict[str, List[Any]], step: Any) -> List[str]:
         """``step(group, items)`` for every group, ``_PARALLEL`` at a time (a group's
@@ -430,21 +488,23 @@ class RedisPresence:
                  proc, reaped[0], len(by_group))
 
     def _reregister(self) -> None:
-        """Every live entry again (moved from its field under a lost id, if it has one)."""
+        """Every live entry again (moved from its field under a lost id, if it has one),
+        then the groups to prune."""
         self._presence_dirty = False
+        me, drawn, prune, self._prune = self._proc, self._drawn, self._prune, set()
         snapshot = [
             (group, channel, field, self._moves.get((group, channel), ""), self._present[group][channel])
             for (group, channel), field in list(self._fields.items())
             if channel in self._present.get(group, ())
         ]
-        if not snapshot:
-            return
         try:
             for chunk in _chunks(snapshot, CHUNK):
                 if not self._proc_step([(f, g, e.key) for g, _, f, _, e in chunk], ()):
+                    self._prune |= prune
                     return  # lost once more: _lost asked for another round
         except BaseException:
             self._presence_dirty = True
+            self._prune |= prune
             raise
         by_group: Dict[str, List[Tuple[str, Channel, str, str, PresenceEntry]]] = {}
         for item in snapshot:
@@ -461,9 +521,17 @@ class RedisPresence:
                 for _, channel, field, old, entry in chunk:
                     self._written(group, channel, field, old, entry)
 
+        def prune_one(group: str, fields: List[str]) -> None:
+            entries, counts = self._presence_keys(group)
+            self._run(PRUNE_LUA, 2, entries, counts, self._events_key, event_head(group),
+                      me + ":", drawn, *fields)
+
         failed = self._each_group(by_group, join)
+        if not failed and prune:
+            failed = self._each_group({g: [i[2] for i in by_group.get(g, ())] for g in prune}, prune_one)
         if failed:
             self._presence_dirty = True
+            self._prune |= prune
             log.debug("presence re-registration incomplete (the next refresh retries): %s", failed[0])
 
     # -- events --------------------------------------------------------------------
