@@ -59,7 +59,9 @@ Only a reaper takes a heartbeat out. A process with nothing left in Redis
 stops pushing its heartbeat and lets it expire, to be reaped (with nothing to
 do) like a dead one's; its next join finds it gone and takes a new id, as a
 paused process does (below). So a heartbeat found gone always means a
-reaper or a loss, never a step of our own racing another.
+reaper or a loss, never a step of our own racing another. (The price: after
+its last leave, a process's heartbeat stays up to ``presence_ttl`` and one
+refresh more.)
 
 The refresh (``REFRESH_LUA``, processes' slot) pushes the caller's heartbeat,
 then takes up to ``REAP_BATCH`` processes whose deadline is past OUT of the

@@ -231,6 +231,12 @@ class RedisPresence:
         self._moves.clear()
         self._pending_leaves = []
         self._refreshed_at = 0
+        self._owners.clear()
+        self._left.clear()
+        self._prune.clear()
+        # The parent's greenlets do not run here: what they held is not ours to wait for.
+        self._refreshing = gevent.lock.Semaphore()
+        self._in_flight = gevent.lock.BoundedSemaphore(_IN_FLIGHT)
         self._refresher = None
         if self._presence_fns:
             self._start_refresher()
