@@ -225,24 +225,32 @@ class Connection:
             # limit instead of piling their messages past it.
             if not self._wait_below(self.send_buffer, self.send_timeout, slow=True):
                 return False
-        parts = [memoryview(data)] if tail is None else [memoryview(data), memoryview(tail)]
         out = self._out
         if not out:
+            # Nothing queued: one send, and nothing built for the bytes the kernel
+            # takes, which is nearly always all of them (bench/findings.md).
             try:
-                sent = self._raw.send(data) if tail is None else self._raw.sendmsg(parts)
+                sent = self._raw.send(data) if tail is None else self._raw.sendmsg((data, tail))
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
                 self._lost(exc)
                 return False
-            while parts and sent >= len(parts[0]):
-                sent -= len(parts[0])
-                parts.pop(0)
-            if not parts:
-                return True
-            parts[0] = parts[0][sent:]
+            if tail is None:
+                if sent == len(data):
+                    return True
+                parts = [memoryview(data)[sent:]]
+            elif sent >= len(data):
+                sent -= len(data)
+                if sent == len(tail):
+                    return True
+                parts = [memoryview(tail)[sent:]]
+            else:
+                parts = [memoryview(data)[sent:], memoryview(tail)]
             if out is None:
                 out = self._out = collections.deque()
+        else:
+            parts = [memoryview(data)] if tail is None else [memoryview(data), memoryview(tail)]
         backlog = self._out_size  # what was queued before this write
         for part in parts:
             out.append(part)
