@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import urllib.parse
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -127,6 +128,7 @@ class Publisher:
         self.counts: List[int] = []
         self.errors: List[str] = []
         self.paused = False
+        self.slowest_refusal = 0.0  # seconds: reported, never asserted on
         self._stop = False
         self._greenlet = gevent.spawn(self._run)
 
@@ -138,18 +140,27 @@ class Publisher:
                 gevent.sleep(self.pace)
                 continue
             group = self.groups[n % len(self.groups)]
+            started = time.monotonic()
             try:
                 self.counts.append(self.store.broadcast(group, f"{group}/{n}"))
                 self.accepted[group].append(n)
             except redis.exceptions.RedisError as exc:
                 self.refused[group].append(n)
-                self.errors.append(type(exc).__name__)
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                self.slowest_refusal = max(self.slowest_refusal, time.monotonic() - started)
             gevent.sleep(self.pace)
 
     def wait_more(self, count: int = 20) -> None:
         """Until every group has ``count`` more accepted broadcasts than now."""
         now = {g: len(a) for g, a in self.accepted.items()}
-        wait_until(lambda: all(len(self.accepted[g]) >= now[g] + count for g in self.groups))
+        try:
+            wait_until(lambda: all(len(self.accepted[g]) >= now[g] + count for g in self.groups))
+        except AssertionError:
+            raise AssertionError(
+                f"broadcasts stalled: accepted {now} -> { {g: len(a) for g, a in self.accepted.items()} }, "
+                f"refused { {g: len(r) for g, r in self.refused.items()} }, last errors {self.errors[-3:]}, "
+                f"publisher {'dead: %r' % self._greenlet.exception if self._greenlet.dead else 'running'}"
+            ) from None
 
     def stop(self) -> Dict[str, List[int]]:
         self._stop = True
@@ -199,6 +210,18 @@ def nothing_left(cluster: RedisCluster) -> bool:
     """No shard channel of ours anywhere, no greenchan connection holding a shard subscription."""
     return not any(shard_channels(cluster).values()) and not any(
         shard_subscribers(cluster, port) for port in cluster.running())
+
+
+def epochs_agree(cluster: RedisCluster) -> bool:
+    """Every node knows the newest config epoch. A slot moved back before they do may never
+    settle: the new owner does not bump its epoch past one it has not heard of yet, and the
+    nodes end up disagreeing on the slot's owner (Redis answers MOVED back and forth; the
+    fixture's migrate_slot times out). Not greenchan's doing: wait for this between moves."""
+    epochs = set()
+    for port in cluster.running():
+        info = cluster.node_client(port).execute_command("CLUSTER", "INFO").decode()
+        epochs.add(next(line for line in info.splitlines() if line.startswith("cluster_current_epoch")))
+    return len(epochs) == 1
 
 
 def subscriptions_settled(cluster: RedisCluster, groups: Sequence[str], processes: int) -> bool:
@@ -259,7 +282,7 @@ def test_two_masters_killed_in_a_row(redis_cluster_replicas, nodes):
 
     stream = stream_and_disrupt(cluster, nodes, disrupt, groups)
     assert stream.refused[groups[0]] and stream.refused[groups[1]]  # both shards were down a while
-    assert set(stream.errors) <= {"ConnectionError", "ClusterDownError", "TimeoutError"}
+    assert {e.partition(":")[0] for e in stream.errors} <= {"ConnectionError", "ClusterDownError", "TimeoutError"}
 
 
 def test_a_killed_master_comes_back_and_its_successor_dies(redis_cluster_replicas, nodes):
@@ -469,6 +492,7 @@ def test_churn_on_hundreds_of_groups_while_slots_move(redis_cluster, nodes):
     home = cluster.master_of(slot)
     away = next(port for port in masters if port != home)
     cluster.migrate_slot(slot, away)  # and back at once
+    wait_until(lambda: epochs_agree(cluster))
     cluster.migrate_slot(slot, home)
     stream.wait_more()
     done = True
@@ -505,13 +529,33 @@ def test_history_while_the_cluster_is_down_raises_redis_connection_error(redis_c
             a.store.history(group)
 
 
+
+def test_a_slot_moved_away_and_back_mid_stream(redis_cluster, nodes):
+    """A slot moved to another master and straight back while broadcasts flow: broadcasts are
+    redirected both ways (a few may be refused while keys move) and go on afterwards; members
+    get everything accepted, once, in order."""
+    cluster = redis_cluster
+    home, away = cluster.masters()[:2]
+    group = group_on(cluster, home, prefix="bouncing")
+    slot = key_slot(channel_of(group))
+
+    def disrupt(stream: Publisher) -> None:
+        cluster.migrate_slot(slot, away)
+        wait_until(lambda: epochs_agree(cluster))
+        cluster.migrate_slot(slot, home)
+
+    stream_and_disrupt(cluster, nodes, disrupt, [group])
+    assert cluster.master_of(slot) == home
+
+
 # -- names, clients, options -------------------------------------------------------------
 
 ODD_NAMES = [
     pytest.param("", id="empty", marks=pytest.mark.xfail(strict=True, reason=(
         "the empty group's keys t:{}:history and t:{}:meta have an empty hash tag, so each "
-        "hashes whole to another slot: every broadcast fails with 'all keys must map to the same "
-        "key slot', raised as ConnectionError (an outage) though it works on one Redis"))),
+        "hashes whole to another slot: every broadcast fails (CROSSSLOT: 'Keys in request don't "
+        "hash to the same slot', earlier raised as ConnectionError) though it works on one Redis, "
+        "and the name is not refused up front as '}...' is"))),
     *(pytest.param(name, id=str(i)) for i, name in enumerate(
         ["a{b}c", "{x}", "a}b", "{", "a:b:c", "ü/日本語 ✓", "x" * 5000, "with space", "{}", "a{}b"])),
 ]
@@ -629,7 +673,7 @@ def own_sockets() -> int:
 def test_many_failovers_leak_nothing(redis_cluster_replicas, nodes):
     """Planned failovers back and forth, on every shard, with members and broadcasts:
     afterwards one shard connection per master for the store, no shard channel on a
-    replica, and the store's sockets and greenlets do not grow from round to round."""
+    replica, and the store's sockets and greenlets do not grow with the failovers."""
     from conftest import greenlet_count
 
     cluster = redis_cluster_replicas
@@ -639,7 +683,7 @@ def test_many_failovers_leak_nothing(redis_cluster_replicas, nodes):
     member = a.join(groups)
     stream = Publisher(a.store, groups, pace=0.01)
     sizes = []
-    for round_ in range(3):
+    for round_ in range(6):
         for group in groups:
             owner = cluster.master_of(channel_of(group))
             cluster.manual_failover(cluster.replicas_of(owner)[0])
@@ -650,7 +694,9 @@ def test_many_failovers_leak_nothing(redis_cluster_replicas, nodes):
         sizes.append((own_sockets(), greenlet_count()))
     accepted = stream.stop()
     check_once_in_order(member, accepted, stream.refused)
-    assert sizes[-1][0] <= sizes[0][0] and sizes[-1][1] <= sizes[0][1], sizes
+    # 18 failovers: a socket or greenlet left per failover would show; a pooled connection
+    # to each node seen (6) would not be a leak.
+    assert sizes[-1][0] <= sizes[0][0] + len(cluster.nodes) and sizes[-1][1] <= sizes[0][1], sizes
     member.close()
     wait_until(lambda: nothing_left(cluster))
 
@@ -831,3 +877,59 @@ def test_two_processes_after_churn_failover_and_a_moved_slot(redis_cluster_repli
     for client in steady:
         client.close()
     wait_until(lambda: nothing_left(cluster))
+
+
+# -- a shard with no master at all ------------------------------------------------------------
+
+
+def test_a_shard_loses_master_and_replica_then_comes_back_empty(redis_cluster_replicas, nodes):
+    """A master dies, its replica takes over, then the replica dies too: the shard has no
+    master and its groups' broadcasts are refused. The replica comes back empty (a new epoch
+    for its groups): members still get every broadcast accepted from then on, once, in order."""
+    cluster = redis_cluster_replicas
+    master, other = cluster.masters()[:2]
+    lost, calm = group_on(cluster, master), group_on(cluster, other, prefix="calm")
+    a, publisher = nodes(cluster.url), nodes(cluster.url)
+    member = a.join([lost, calm])
+    streams = {lost: Publisher(publisher.store, [lost]), calm: Publisher(publisher.store, [calm])}
+    for stream in streams.values():
+        stream.wait_more()
+    successor = cluster.failover(master)
+    streams[lost].wait_more()
+    cluster.kill(successor)
+    # The other masters agree the shard failed (Redis's cluster_state turns to fail).
+    wait_until(lambda: "cluster_state:fail" in cluster.node_client(other).execute_command("CLUSTER", "INFO").decode())
+    refused = len(streams[lost].refused[lost])
+    wait_until(lambda: len(streams[lost].refused[lost]) > refused + 5)  # no master: refused
+    cluster.restart(successor)  # empty: the shard's data is gone
+    wait_until(lambda: subscriptions_settled(cluster, [lost, calm], 1))
+    since_back = {g: s.accepted[g][-1] for g, s in streams.items()}
+    for stream in streams.values():
+        stream.wait_more()
+    accepted = {g: s.stop()[g] for g, s in streams.items()}
+    print("slowest refusal (s):", {g: round(s.slowest_refusal, 2) for g, s in streams.items()})
+    got = member.read_until({g: accepted[g][-1] for g in (lost, calm)})
+    for group in (lost, calm):
+        assert got[group] == sorted(set(got[group])), f"{group}: twice or out of order"
+        assert set(n for n in accepted[group] if n > since_back[group]) <= set(got[group]), group
+    member.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "docs/cluster.md says that while a group's shard has no master 'groups on the other shards "
+    "go on'; with Redis's default cluster-require-full-coverage yes the whole cluster answers "
+    "CLUSTERDOWN, and broadcasts to every group raise ConnectionError (the docs should say so, "
+    "or name the setting)"))
+def test_groups_on_other_shards_go_on_while_a_shard_has_no_master(redis_cluster_replicas, nodes):
+    cluster = redis_cluster_replicas
+    master, other = cluster.masters()[:2]
+    calm = group_on(cluster, other, prefix="calm")
+    a = nodes(cluster.url)
+    member = a.join([calm])
+    assert a.store.broadcast(calm, f"{calm}/0") == 1
+    for port in [master, *cluster.replicas_of(master)]:
+        cluster.kill(port)
+    wait_until(lambda: "cluster_state:fail" in cluster.node_client(other).execute_command("CLUSTER", "INFO").decode())
+    assert a.store.broadcast(calm, f"{calm}/1") == 1
+    check_once_in_order(member, {calm: [0, 1]}, {calm: []})
+    member.close()
