@@ -264,6 +264,7 @@ def stream_and_disrupt(cluster: RedisCluster, nodes: Any, disrupt: Any, groups: 
     wait_until(lambda: subscriptions_settled(cluster, groups, 2))
     stream.wait_more()
     accepted = stream.stop()
+    print(f"slowest refused broadcast: {stream.slowest_refusal:.2f} s")  # reported, not asserted
     for member in members:
         check_once_in_order(member, accepted, stream.refused)
         member.close()
@@ -332,6 +333,44 @@ def test_a_failover_that_loses_the_unreplicated_tail(redis_cluster_replicas, nod
     stream_and_disrupt(cluster, nodes, disrupt, groups)
 
 
+
+@pytest.mark.xfail(strict=True, reason=(
+    "after a failover that lost the unreplicated tail of a group, the new master numbers the "
+    "next broadcast right after the last replicated one, so a client whose position is the "
+    "last replicated message resumes 'recovered' (history() answers a list, the join True) "
+    "though every accepted message of the lost tail is gone: a silent loss"))
+def test_a_resume_across_a_lost_tail_is_not_recovered(redis_cluster_replicas, nodes):
+    cluster = redis_cluster_replicas
+    master = cluster.masters()[0]
+    replica = cluster.replicas_of(master)[0]
+    group = group_on(cluster, master)
+    a = nodes(cluster.url)
+    for n in range(3):
+        a.store.broadcast(group, f"{group}/{n}")
+    wait_until(lambda: replicated(cluster, master, replica))
+    position = a.store.history(group)[-1][0]  # what a client got before it dropped
+    cluster.node_client(replica).config_set("masterauth", "not-the-password")
+    cluster.node_client(master).client_kill_filter(_type="replica")
+    for n in range(3, 8):  # accepted, never replicated: the client will never get them
+        a.store.broadcast(group, f"{group}/{n}")
+    cluster.failover(master)
+    cluster.node_client(replica).config_set("masterauth", "")
+    wait_until(lambda: _accepts(a.store, group, f"{group}/8"))
+    kept = a.store.history(group, since=position)
+    assert kept is None, f"continuity claimed across 3..7, which are gone: {[m for _, m in kept]}"
+    member = a.join([group], since=position)
+    assert member.results == "0"
+    member.close()
+
+
+def _accepts(store: RedisChannelStore, group: str, message: str) -> bool:
+    try:
+        store.broadcast(group, message)
+        return True
+    except redis.exceptions.RedisError:
+        return False
+
+
 # -- the whole cluster down ---------------------------------------------------------
 
 
@@ -367,9 +406,11 @@ def test_the_whole_cluster_down_then_back(redis_cluster, nodes):
     # Down: broadcast raises redis's ConnectionError (within socket_timeout, not forever),
     # history is refused too, and a join with since= joins live and says False.
     for group in groups:
+        started = time.monotonic()
         with gevent.Timeout(TIMEOUT, AssertionError("broadcast hung while the cluster was down")):
             with pytest.raises(redis.exceptions.ConnectionError):
                 b.store.broadcast(group, f"{group}/lost")
+        print(f"broadcast refused in {time.monotonic() - started:.2f} s while down")  # not asserted
     with gevent.Timeout(TIMEOUT, AssertionError("a join hung while the cluster was down")):
         late = a.join(groups[:1], since="0123ab:00000000:0-0")
     assert late.results == "0"
