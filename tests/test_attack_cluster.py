@@ -552,13 +552,10 @@ def test_churn_on_hundreds_of_groups_while_slots_move(redis_cluster, nodes):
     wait_until(lambda: nothing_left(cluster))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "on a cluster, history() (and the catch-up after a reconnection, and a join's snapshot) "
-    "let redis-py's RedisClusterException through: it is not a RedisError; broadcast() "
-    "converts it (_down_errors) but the history paths catch only (RedisError, OSError)"))
 def test_history_while_the_cluster_is_down_raises_redis_connection_error(redis_cluster, nodes):
     """On one Redis, history() during an outage raises redis's ConnectionError (a RedisError,
-    what an application catches); the cluster must not answer with another family."""
+    what an application catches); the cluster must not answer with another family. (Found at
+    3ec145c: it let redis-py's RedisClusterException through: not a RedisError.)"""
     cluster = redis_cluster
     group = group_on(cluster, cluster.masters()[0])
     a = nodes(cluster.url)
@@ -633,17 +630,12 @@ def test_names_a_cluster_cannot_shard_are_refused(redis_cluster, nodes):
         a.store.add_to_group("}room", object())
 
 
-@pytest.mark.parametrize("decode", [
-    pytest.param(False, id="bytes"),
-    pytest.param(True, id="decode_responses", marks=pytest.mark.xfail(strict=True, reason=(
-        "a RedisCluster made with decode_responses=True is used as the publisher and its "
-        "connection kwargs are copied to the subscriber connections: history() raises "
-        "TypeError (str, not bytes) and broadcast to a group with members raises "
-        "ConnectionError 'cannot be reached' forever"))),
-])
+@pytest.mark.parametrize("decode", [False, True], ids=["bytes", "decode_responses"])
 def test_a_store_given_a_redis_cluster_object_follows_a_failover(redis_cluster_replicas, nodes, decode):
     """docs/cluster.md: a redis.cluster.RedisCluster you made works like the URL, through a
-    failover too; an application's client often has decode_responses=True."""
+    failover too; an application's client often has decode_responses=True (found at 3ec145c:
+    its options reached the store's own connections: history() raised TypeError and
+    broadcasts to a group with members failed as 'cannot be reached' for ever)."""
     cluster = redis_cluster_replicas
     master = cluster.masters()[0]
     groups = [group_on(cluster, master), group_on(cluster, cluster.masters()[1], prefix="calm")]
