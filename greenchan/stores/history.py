@@ -228,7 +228,10 @@ class Cursor:
     def wants(self, epoch: str, seq: int, ms: int) -> bool:
         """True if a live message (``epoch``, ``seq``, ``ms``) is new to this member."""
         if epoch == self.epoch:
-            return seq > self.seq
+            # A later Redis time with a number already seen: a failover lost the
+            # tail of the group's numbers (asynchronous replication) and the new
+            # master numbers from its last replicated one. New all the same.
+            return seq > self.seq or ms > self.ms
         # Another epoch: Redis lost the group's history. A message published
         # after our point (by Redis time) is new; an older one is still arriving
         # from before the point this member joined at.
@@ -492,9 +495,11 @@ class Snapshot:
             return None  # not an id of this epoch
         if seq == self.last_seq:
             return Entries([]) if seq == 0 or ms == self.last_ms else None
-        raw, start = self._raw, 0
-        while start < len(raw) and Entry(raw[start]).seq <= seq:
-            start += 1  # XRANGE began at since itself, if it is still kept
+        raw = self._raw
+        # XRANGE began at since itself, if it is still kept. Only that one is
+        # skipped: an entry numbered no later but published later is one that
+        # came after a failover lost a tail of the numbers, and new.
+        start = 1 if raw and Entry(raw[0]).sid == since_sid else 0
         entries = self.kept(ttl_ms, start)
         if not entries or entries.first().seq != seq + 1:
             return None  # trimmed or expired between since and what is kept

@@ -391,7 +391,7 @@ class RedisChannelStore(RedisPresence, _Groups):
             snap, entries = self._snapshot(group, since, create=False, latest=True)
         except self._redis.exceptions.AuthenticationError as exc:
             raise self._redis.exceptions.AuthenticationError(self._scrub(exc)) from None
-        except (self._redis.exceptions.ConnectionError, self._redis.exceptions.TimeoutError, OSError) as exc:
+        except self._down_errors as exc:
             raise self._redis.exceptions.ConnectionError(
                 f"reading the history of {group!r} from {self.url} failed: {self._scrub(exc)}"
             ) from None
@@ -455,8 +455,21 @@ class RedisChannelStore(RedisPresence, _Groups):
         exceptions = self._redis.exceptions
         try:
             return self._master(key).execute_command(*command)
-        except (exceptions.MovedError, exceptions.AskError, exceptions.TryAgainError, exceptions.ClusterDownError):
+        except (exceptions.MovedError, exceptions.AskError, exceptions.ClusterDownError):
             return self._publisher.execute_command(*command)
+        except exceptions.TryAgainError:
+            # A slot's keys half moved (a resharding moves them in batches): the
+            # script cannot run until the group's keys are together again.
+            for delay in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0):
+                gevent.sleep(delay)
+                try:
+                    return self._publisher.execute_command(*command)
+                except (exceptions.TryAgainError, exceptions.ClusterError):
+                    continue
+            raise exceptions.ConnectionError(
+                "the group's keys are being moved between two masters (a resharding) and were "
+                "not together again within 2 s"
+            ) from None
         except (exceptions.ConnectionError, exceptions.TimeoutError, OSError):
             self._rebalance_soon()
             raise
@@ -524,7 +537,7 @@ class RedisChannelStore(RedisPresence, _Groups):
         snap: Optional[Snapshot] = None
         entries: Optional[Entries] = None
         recovered = since is None
-        errors = (self._redis.exceptions.RedisError, OSError)
+        errors = self._errors
         if self._wait_subscribed(group):
             try:
                 snap, entries = self._snapshot(group, since, create=True, count=self.FIRST_PAGE)
@@ -748,7 +761,7 @@ class RedisChannelStore(RedisPresence, _Groups):
                 since = make_id(group, oldest.epoch or "", oldest.sid or "0-0")
                 try:
                     snap, _ = self._snapshot(group, since, create=True)
-                except (self._redis.exceptions.RedisError, OSError) as exc:
+                except self._errors as exc:
                     log.debug("catching up group %r failed: %s", group, self._scrub(exc))
                 if snap is not None and snap.epoch == oldest.epoch:
                     entries = list(snap.kept(self._ttl_ms))
@@ -763,9 +776,11 @@ class RedisChannelStore(RedisPresence, _Groups):
                     # resubscribed is gone; what came after is in the buffer.
                     lost[group] = lost.get(group, 0) + 1
                     tell_resumed(channel, group, False)
-                elif cursor.seq < snap.last_seq:
-                    missed = [e for e in entries if e.seq > cursor.seq]
-                    if not missed or missed[0].seq != cursor.seq + 1:
+                elif cursor.seq < snap.last_seq or snap.last_ms > cursor.ms:
+                    # Published later, by number or, after a failover that lost a
+                    # tail of the numbers, by Redis time (see Cursor.wants).
+                    missed = [e for e in entries if e.seq > cursor.seq or e.ms > cursor.ms]
+                    if not missed or missed[0].seq > cursor.seq + 1:
                         lost[group] = lost.get(group, 0) + 1
                         tell_resumed(channel, group, False)
                     # What is kept, even after a gap: the newest is what matters.
@@ -795,9 +810,9 @@ class RedisChannelStore(RedisPresence, _Groups):
 
     def _check_group(self, group: Any) -> None:
         super()._check_group(group)
-        if self._cluster and group.startswith("}"):
+        if self._cluster and (not group or group.startswith("}")):
             # "{}..." is no hash tag: the group's keys would fall on different shards.
-            raise ValueError(f"on a Redis Cluster a group's name cannot start with '}}': {group!r}")
+            raise ValueError(f"on a Redis Cluster a group's name is not empty and does not start with '}}': {group!r}")
 
     def _channels(self) -> List[bytes]:
         """Every pub/sub channel this process needs: its groups', and its listeners'."""
@@ -1054,6 +1069,12 @@ class RedisChannelStore(RedisPresence, _Groups):
                 exceptions.RedisClusterException, exceptions.TryAgainError)
 
     @property
+    def _errors(self) -> Tuple[type, ...]:
+        """Whatever redis-py raises about Redis (RedisClusterException is not a RedisError)."""
+        exceptions = self._redis.exceptions
+        return (exceptions.RedisError, exceptions.RedisClusterException, OSError)
+
+    @property
     def _publish_verb(self) -> str:
         return "SPUBLISH" if self._cluster else "PUBLISH"
 
@@ -1072,8 +1093,16 @@ class RedisChannelStore(RedisPresence, _Groups):
                 retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
                 client_name=f"greenchan-pub-{os.getpid()}",
             )
-        if self._cluster_client is not None:
-            return self._cluster_client
+        if self._cluster_client is not None:  # its nodes and options; bytes, our timeouts
+            _, kwargs = self._connection_options(None)
+            for name in ("host", "port", "connection_class"):
+                kwargs.pop(name, None)
+            kwargs.update(
+                socket_timeout=self.socket_timeout, socket_connect_timeout=self.socket_timeout,
+                retry=redis.retry.Retry(redis.backoff.NoBackoff(), 3), client_name=f"greenchan-pub-{os.getpid()}",
+            )
+            nodes = [redis.cluster.ClusterNode(n.host, n.port) for n in self._cluster_client.get_nodes()]
+            return redis.cluster.RedisCluster(startup_nodes=nodes, **kwargs)
         # A few attempts, no sleeping: enough to follow a MOVED after a resharding
         # or a failover, and a broadcast during an outage still fails fast.
         return redis.cluster.RedisCluster.from_url(
@@ -1132,6 +1161,7 @@ class RedisChannelStore(RedisPresence, _Groups):
                 kwargs, cls = dict(default.connection_kwargs), default.connection_class
                 for injected in ("redis_connect_func", "oss_cluster_maint_notifications_handler"):
                     kwargs.pop(injected, None)
+                kwargs["decode_responses"] = False  # the store reads bytes
             kwargs.pop("db", None)
             if node is not None:
                 kwargs["host"], kwargs["port"] = node
