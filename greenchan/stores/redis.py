@@ -18,7 +18,7 @@ from ..channel import Channel
 from .codec import decode, encode
 from .groups import Render, _Groups
 from .subscriber import Subscriber
-from .presence import JOIN_LUA, LEAVE_LUA, REFRESH_LUA, presence_entry
+from .presence import presence_entry
 from .redis_presence import RedisPresence
 from .history import (
     EPOCH_RETENTION,
@@ -43,7 +43,7 @@ from .history import (
 log = logging.getLogger("greenchan.stores")
 
 # The SHA-1 that EVALSHA names each script by.
-_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (PUBLISH_LUA, READ_LUA, JOIN_LUA, LEAVE_LUA, REFRESH_LUA)}
+_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (PUBLISH_LUA, READ_LUA)}
 
 # A password may also ride in the query string (redis-py reads ?password=).
 _QUERY_SECRET = re.compile(r"(?i)((?:^|&)password=)[^&]*")
@@ -427,15 +427,6 @@ class RedisChannelStore(RedisPresence, _Groups):
         self._live.clear()
 
     # -- history: the exactly-once join (see history.py) -----------------------------
-
-    def _eval_n(self, script: str, numkeys: int, keys_and_args: Tuple[Any, ...]) -> Any:
-        """As ``_eval``, for a script with ``numkeys`` keys."""
-        sha = _SHAS[script]
-        try:
-            return self._publisher.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
-        except self._redis.exceptions.NoScriptError:
-            self._publisher.execute_command("SCRIPT LOAD", script)
-            return self._publisher.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
 
     def _direct(self, key: bytes, *command: Any) -> Any:
         """``command`` sent straight to the master that owns ``key`` (on one Redis: to it).
