@@ -64,7 +64,8 @@ def assert_empty(store: Any) -> None:
     assert store._memberships == {}
     if isinstance(store, RedisChannelStore):
         assert not subscribed(store)
-        assert not any(link.confirm or link.leaving or link.outstanding for link in store._links.values())
+        # Nothing pending once Redis answered the last (un)subscriptions.
+        wait_until(lambda: not any(link.confirm or link.leaving or link.outstanding for link in store._links.values()))
 
 
 def subscribed(store: Any) -> set:

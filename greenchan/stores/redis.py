@@ -402,8 +402,12 @@ class RedisChannelStore(RedisPresence, _Groups):
 
     def close(self) -> None:
         """Stop the reader greenlet, close the connections and forget every group."""
-        self._leave_presence_on_close()
+        try:
+            self._leave_presence_on_close()
+        except Exception as exc:  # best effort: the TTL takes the entries out; close goes on
+            log.debug("taking this process's presence out on close failed: %s", self._scrub(exc))
         self._closed = True
+        counters.stores.discard(self)  # closed is not down: the gauge and the health check forget it
         refresher, self._refresher = self._refresher, None
         if refresher is not None:
             refresher.kill(block=False)

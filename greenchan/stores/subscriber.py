@@ -95,7 +95,7 @@ class Subscriber:
                 return
             try:
                 conn.send_command(self._verbs[0] if want else self._verbs[1], key, check_health=False)
-            except (self.store._redis.exceptions.RedisError, OSError) as exc:
+            except self.store._errors as exc:
                 log.debug("subscription change for %r failed: %s", key, exc)
                 conn.disconnect()  # the reader sees it and reconnects
                 return
@@ -171,7 +171,7 @@ class Subscriber:
             except exceptions.AuthenticationError as exc:
                 self.drop()
                 store._auth_failed(exc)
-            except (exceptions.RedisError, OSError) as exc:
+            except store._errors as exc:  # redis-py's, a cluster's included
                 store._outage(self, self.drop(), exc)
             except Exception:
                 if self.closed:  # closed under it: its connection is gone
