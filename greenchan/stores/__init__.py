@@ -45,12 +45,18 @@ The package, one idea per file:
 ``memory.py``
     ``MemoryChannelStore``
 ``redis.py``
-    ``RedisChannelStore``
+    ``RedisChannelStore``: publishing, subscriptions, a Redis Cluster's shards
+``subscriber.py``
+    one subscriber connection of a Redis store and the greenlet that reads it
+``redis_history.py``, ``redis_presence.py``
+    the Redis store's history (join, live delivery, catch-up) and presence
 ``codec.py``
     the bytes a message is while it crosses processes
 ``history.py``
     history and resuming: ids, kept messages, the exactly-once join (its
     docstring is the design; docs/history.md is the user's side)
+``presence.py``
+    presence: the layout in Redis and its scripts (docs/presence.md)
 """
 from __future__ import annotations
 
