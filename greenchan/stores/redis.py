@@ -589,9 +589,11 @@ class RedisChannelStore(RedisHistory, RedisPresence, _Groups):
         as after an outage). Masters left with nothing of ours are let go.
         """
         with self._rebalance_lock:
-            self._rebalance_due = True
+            self._rebalance_due, again = True, False
             while self._rebalance_due and not self._closed:
-                self._rebalance_due = False
+                if again:  # asked again meanwhile: let the cluster settle a moment
+                    gevent.sleep(0.05)
+                self._rebalance_due, again = False, True
                 moved = self._replace()
                 for key in moved:
                     link = self._placed.get(key)
@@ -631,7 +633,7 @@ class RedisChannelStore(RedisHistory, RedisPresence, _Groups):
                     old.release(key)
                     old.sync(key)
                     moved.append(key)
-            elif key in new.subscribed or new.conn is None or key in new.confirm:
+            elif key in new.subscribed or new.conn is None:
                 continue  # in effect, or on its way (the connection subscribes it)
             else:  # the master unsubscribed it (its slot moved) and owns it still, or again
                 moved.append(key)

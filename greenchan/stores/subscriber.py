@@ -192,8 +192,15 @@ class Subscriber:
         params = inspect.signature(conn.read_response).parameters
         kwargs = {"push_request": True} if "push_request" in params else {}
         on_message = self.store._on_message
+        redirected = self.store._redis.exceptions.AskError  # MovedError's base too
         while True:
-            reply = conn.read_response(**kwargs)
+            try:
+                reply = conn.read_response(**kwargs)
+            except redirected as exc:
+                if not self.sharded:
+                    raise
+                self._redirected(exc.slot_id)  # the connection is fine: read on
+                continue
             if isinstance(reply, list) and reply:
                 kind = reply[0]
                 if kind == b"message" or kind == b"smessage":
@@ -236,6 +243,19 @@ class Subscriber:
             return  # a classic subscription ends only when we ask
         self.subscribed.discard(key)
         self.store._shard_moved(self, key)
+
+    def _redirected(self, slot: int) -> None:
+        """A master answered a subscription with MOVED or ASK: that slot is not its own
+        (a resharding in progress, or a slot map older than the cluster's). Its channels
+        are not subscribed here; the store looks where they are now."""
+        from redis.crc import key_slot
+
+        refused = [key for key in self.subscribed if key_slot(key) == slot]
+        for key in refused:
+            self.subscribed.discard(key)
+            self.outstanding.pop(key, None)
+        if refused:
+            self.store._shard_moved(self, refused[0])
 
     def _connected(self) -> None:
         """Every subscription sent on connecting is in effect: up."""
