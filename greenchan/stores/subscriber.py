@@ -171,13 +171,14 @@ class Subscriber:
             except exceptions.AuthenticationError as exc:
                 self.drop()
                 store._auth_failed(exc)
-            except store._errors as exc:  # redis-py's, a cluster's included
-                store._outage(self, self.drop(), exc)
-            except Exception:
-                if self.closed:  # closed under it: its connection is gone
+            except Exception as exc:
+                if self.closed:  # closed under it (a master let go of): nothing to report
                     break
-                log.exception("RedisChannelStore reader failed; reconnecting")
-                self.drop()
+                if isinstance(exc, store._errors):  # redis-py's, a cluster's included
+                    store._outage(self, self.drop(), exc)
+                else:
+                    log.exception("RedisChannelStore reader failed; reconnecting")
+                    self.drop()
             self.tried.set()
             if self.closed:
                 break
