@@ -72,7 +72,8 @@ class RedisChannelStore(RedisHistory, RedisPresence, _Groups):
 
     Each store keeps ONE subscriber connection to Redis (subscriber.py), read by one greenlet,
     subscribed to the groups that have members in this process (subscribed when
-    the first local member joins, unsubscribed when the last leaves), plus a
+    the first local member joins, unsubscribed when the last leaves) and to the
+    channels of greenchan.js sessions held here (forwarding.py), plus a
     small pool for ``PUBLISH``. Both are opened lazily, so a store created
     before a gunicorn fork belongs to each worker after it.
 
@@ -903,9 +904,10 @@ class RedisChannelStore(RedisHistory, RedisPresence, _Groups):
     def _link_up(self, link: Subscriber, reconnected: bool) -> None:
         """Every subscription ``link`` sent on connecting is in effect."""
         self._auth_error = None
+        groups = [self._group_of(k) for k in link.subscribed if k != self._events_key and k not in self._listeners]
         if link.outage_logged or self._auth_logged:
             link.outage_logged = self._auth_logged = False
-            log.warning("Redis at %s is back; resubscribed %d channel(s)", self._where(link), len(link.subscribed))
+            log.warning("Redis at %s is back; resubscribed %d group(s)", self._where(link), len(groups))
         # Channels that came or went while the subscriptions were on their way.
         for key in set(self._wanted(link)) ^ link.subscribed:
             link.sync(key)
@@ -913,7 +915,6 @@ class RedisChannelStore(RedisHistory, RedisPresence, _Groups):
             # The cluster is reachable (again): place what waits for it, and
             # after an outage follow masters that changed meanwhile.
             self._rebalance_soon()
-        groups = [self._group_of(k) for k in link.subscribed if k != self._events_key and k not in self._listeners]
         if self.history_size and groups and reconnected:
             gevent.spawn(self._catch_up, groups)
         if link.node is None and reconnected and self._seen:
